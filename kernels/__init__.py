@@ -1,0 +1,5 @@
+"""Kernels for smoothcache_fx: each op beside its plain-PyTorch reference and its registration."""
+
+from smoothcache_fx.kernels.gated_residual_add import gated_residual_add, gated_residual_add_reference
+
+__all__ = ["gated_residual_add", "gated_residual_add_reference"]

@@ -1,0 +1,1 @@
+"""Graph passes: FX capture of transformer blocks, residual-branch analysis, specialisation."""

@@ -1,0 +1,1 @@
+"""Schedules: which branch computes at which denoising step."""

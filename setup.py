@@ -1,0 +1,41 @@
+"""smoothcache_fx: SmoothCache as a torch.fx compiler pass for Diffusion Transformers.
+
+passes/, kernels/ and schedules/ live at the top of the repository (one concern per folder) and are
+installed as subpackages of smoothcache_fx; nothing installs a top-level `passes` or `kernels`.
+"""
+
+from setuptools import setup
+
+setup(
+    name="smoothcache-fx",
+    version="0.1.0",
+    description="SmoothCache for Diffusion Transformers as a torch.fx pass with compiled, cached inference",
+    python_requires=">=3.10",
+    packages=[
+        "smoothcache_fx",
+        "smoothcache_fx.passes",
+        "smoothcache_fx.kernels",
+        "smoothcache_fx.schedules",
+    ],
+    package_dir={
+        "smoothcache_fx": "smoothcache_fx",
+        "smoothcache_fx.passes": "passes",
+        "smoothcache_fx.kernels": "kernels",
+        "smoothcache_fx.schedules": "schedules",
+    },
+    package_data={"smoothcache_fx.schedules": ["data/*.json"]},
+    # torch>=2.6: torch.library.triton_op and torch.export's nn_module_stack paths. A range that the
+    # local CPU build (2.13.0) satisfies, so installing next to it pulls nothing else.
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "diffusers": ["diffusers>=0.30"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff>=0.6",
+            "diffusers>=0.30",
+            "dit-smoothcache==0.1.1",
+        ],
+    },
+    entry_points={"console_scripts": ["smoothcache-fx=smoothcache_fx.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""smoothcache_fx."""
