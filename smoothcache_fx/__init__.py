@@ -1,1 +1,10 @@
-"""smoothcache_fx."""
+"""smoothcache_fx: SmoothCache as a compiler pass for Diffusion Transformers.
+
+`transform(model, schedule)` rewrites every residual branch of every transformer block into a
+step-indexed choice between fresh compute and a persistent cache buffer.
+"""
+
+from smoothcache_fx.schedules import Schedule
+from smoothcache_fx.transform import transform
+
+__all__ = ["Schedule", "transform"]

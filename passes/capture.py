@@ -1,0 +1,176 @@
+"""Capture one transformer block as an FX graph from its real call arguments.
+
+torch.export (non-strict) is used instead of `torch.fx.symbolic_trace` because diffusers blocks branch
+on Python values and call helpers that symbolic tracing cannot follow, and because export records
+clean module paths in `node.meta["nn_module_stack"]`, which the branch analysis reads.
+
+The block's call is flattened with pytree: tensor leaves become graph inputs, every other leaf
+(None, ints, strings) is baked into the graph. Parameters and buffers are lifted to inputs too, so a
+graph holds no weights: the runtime passes the block's own tensors (and one compiled artifact can
+serve every block of the same structure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+# Root attribute under which the block sits inside the export wrapper; stripped from every path.
+BLOCK_PREFIX = "block."
+
+# Checks that export inserts; they only assert metadata, and keeping them would keep skipped
+# branches alive (they count as side effects for dead-code elimination).
+ASSERT_TARGETS = (
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+)
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """What a captured graph was specialised on: structure, constant leaves and tensor metadata."""
+
+    in_spec: TreeSpec
+    constants: tuple[Any, ...]
+    tensors: tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+
+    def describe_change(self, other: CallSignature) -> str:
+        """Human-readable difference, for errors about changes in the middle of a generation."""
+        if self.in_spec != other.in_spec or self.constants != other.constants:
+            return "the call's non-tensor arguments or argument structure changed"
+        for index, (old, new) in enumerate(zip(self.tensors, other.tensors, strict=True)):
+            if old != new:
+                return (
+                    f"tensor argument {index} changed from shape {list(old[0])}, {old[1]}, {old[2]} "
+                    f"to shape {list(new[0])}, {new[1]}, {new[2]}"
+                )
+        return "nothing changed"
+
+
+@dataclass(frozen=True)
+class CapturedBlock:
+    """A block's graph with its inputs described.
+
+    Attributes:
+        graph_module: placeholders are, in order, the lifted state (`state_names`, then
+            `constants`) and then the tensor leaves of the call; outputs are the flattened outputs.
+        state_names: parameter/buffer paths relative to the block, in placeholder order.
+        constants: lifted tensor constants (created inside forward), in placeholder order.
+        signature: the call the graph was captured from.
+        out_spec: how to rebuild the block's output from the graph's flat outputs.
+    """
+
+    graph_module: torch.fx.GraphModule
+    state_names: tuple[str, ...]
+    constants: tuple[torch.Tensor, ...]
+    signature: CallSignature
+    out_spec: TreeSpec
+
+    @property
+    def num_state_inputs(self) -> int:
+        return len(self.state_names) + len(self.constants)
+
+
+def call_signature(args: tuple, kwargs: dict) -> tuple[CallSignature, list[torch.Tensor]]:
+    """Flatten a call into its signature and its tensor leaves."""
+    leaves, in_spec = tree_flatten((args, kwargs))
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    constants = tuple(_hashable(leaf) for leaf in leaves if not isinstance(leaf, torch.Tensor))
+    meta = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+    return CallSignature(in_spec, constants, meta), tensors
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+class _FlatCall(torch.nn.Module):
+    """Export root: takes only the call's tensor leaves and rebuilds the original call around them."""
+
+    def __init__(self, block: torch.nn.Module, forward: Callable, leaves: list, in_spec: TreeSpec):
+        super().__init__()
+        self.block = block
+        self._forward = forward
+        self._leaves = leaves
+        self._in_spec = in_spec
+        self._tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def forward(self, *tensors: torch.Tensor):
+        leaves = list(self._leaves)
+        for position, tensor in zip(self._tensor_positions, tensors, strict=True):
+            leaves[position] = tensor
+        args, kwargs = tree_unflatten(leaves, self._in_spec)
+        return self._forward(self.block, *args, **kwargs)
+
+
+def capture_block(block: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> CapturedBlock:
+    """Export `forward(block, *args, **kwargs)` into a functional ATen graph with lifted state.
+
+    Args:
+        block: the transformer block.
+        forward: the unbound forward to trace (the block class's original forward).
+        args, kwargs: a real call of the block; shapes, dtypes and non-tensor values are baked in.
+
+    Returns:
+        The captured graph, with `_assert_tensor_metadata` checks removed.
+    """
+    signature, tensors = call_signature(args, kwargs)
+    leaves, _ = tree_flatten((args, kwargs))
+    root = _FlatCall(block, forward, leaves, signature.in_spec)
+    with torch.no_grad():
+        exported = torch.export.export(root, tuple(tensors), strict=False)
+        exported = exported.run_decompositions({})
+
+    for spec in exported.graph_signature.output_specs:
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise NotImplementedError(
+                f"{type(block).__name__} mutates its state in forward ({spec.kind.name} of "
+                f"{spec.target!r}); smoothcache_fx needs blocks whose forward only reads parameters "
+                "and buffers. Exclude this block with transform(..., blocks=[...])."
+            )
+
+    state_names, constants = [], []
+    for spec in exported.graph_signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            state_names.append(spec.target.removeprefix(BLOCK_PREFIX))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            constants.append(exported.constants[spec.target])
+        elif spec.kind != InputKind.USER_INPUT:
+            raise NotImplementedError(
+                f"{type(block).__name__}: unsupported exported input kind {spec.kind.name} "
+                f"for {spec.target!r}."
+            )
+    if len(state_names) + len(constants) + len(tensors) != sum(
+        1 for node in exported.graph_module.graph.nodes if node.op == "placeholder"
+    ):
+        raise RuntimeError("captured graph inputs do not line up with the lifted state and call tensors")
+
+    graph_module = exported.graph_module
+    remove_assertions(graph_module)
+    return CapturedBlock(
+        graph_module=graph_module,
+        state_names=tuple(state_names),
+        constants=tuple(constants),
+        signature=signature,
+        out_spec=exported.call_spec.out_spec,
+    )
+
+
+def remove_assertions(graph_module: torch.fx.GraphModule) -> int:
+    """Erase metadata assertions so they do not pin otherwise dead nodes; returns how many."""
+    removed = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target in ASSERT_TARGETS and not node.users:
+            graph_module.graph.erase_node(node)
+            removed += 1
+    graph_module.recompile()
+    return removed

@@ -1,0 +1,185 @@
+"""Per-block dispatch: capture on first call, pick the specialised variant for the current step.
+
+A transformed block keeps its identity (same object, same parameters, same state_dict keys); only
+its class is swapped for a subclass whose `forward` dispatches here. The step never enters a traced
+graph: the variant is chosen in Python from the static schedule, so each variant is a plain graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils._pytree import tree_unflatten
+
+from smoothcache_fx.passes.branches import BlockBranches, find_residual_branches
+from smoothcache_fx.passes.capture import CallSignature, CapturedBlock, call_signature, capture_block
+from smoothcache_fx.passes.specialise import SpecialisedBlock, specialise_block
+
+if TYPE_CHECKING:
+    from smoothcache_fx.runtime import SmoothCacheRuntime
+
+CACHE_BUFFER_PREFIX = "smoothcache_cache_"
+
+
+@dataclass
+class _Capture:
+    """One captured call signature of a block and everything derived from it."""
+
+    captured: CapturedBlock
+    branches: BlockBranches
+    masks: dict[str, tuple[bool, ...]]
+    variants: dict[tuple[tuple[str, bool], ...], SpecialisedBlock] = field(default_factory=dict)
+
+
+class BlockState:
+    """What one transformed block knows: its path, captures, caches' validity and counters."""
+
+    def __init__(self, path: str, original_class: type, runtime: SmoothCacheRuntime):
+        self.path = path
+        self.original_class = original_class
+        self.runtime = runtime
+        self.captures: dict[CallSignature, _Capture] = {}
+        self.current: _Capture | None = None
+        self.written: set[int] = set()
+        self.last_call: tuple[int, int] | None = None
+        self.computed: dict[str, int] = {}
+        self.reused: dict[str, int] = {}
+
+    # -- what the runtime reads ---------------------------------------------------------------
+    @property
+    def components(self) -> tuple[str, ...]:
+        return () if self.current is None else self.current.branches.components
+
+    def branch_paths(self) -> list[str]:
+        return [f"{self.path}.{component}" for component in self.components]
+
+    def reset(self) -> None:
+        """Forget which caches hold this generation's values (buffers stay allocated)."""
+        self.written.clear()
+        self.last_call = None
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def run(self, block: torch.nn.Module, args: tuple, kwargs: dict):
+        runtime = self.runtime
+        if not runtime.in_model_call:
+            return self.original_class.forward(block, *args, **kwargs)
+        _check_grad_mode(block, self.path)
+        signature, tensors = call_signature(args, kwargs)
+        entry = self._entry_for(block, signature, args, kwargs)
+        call_id = (runtime.generation, runtime.step)
+        if self.last_call == call_id:
+            raise NotImplementedError(
+                f"block {self.path!r} ({self.original_class.__name__}) was called twice in one model "
+                "call; smoothcache_fx keeps one cache per block and step. Exclude blocks that are "
+                "reused within a step with transform(..., blocks=[...])."
+            )
+        self.last_call = call_id
+        compute = {name: mask[runtime.step] for name, mask in entry.masks.items()}
+        variant = self._variant(entry, compute)
+        caches = self._caches(block, variant)
+        state = [_state_tensor(block, name) for name in entry.captured.state_names]
+        flat = variant.graph_module(*state, *entry.captured.constants, *tensors, *caches)
+        for name, on in compute.items():
+            counter = self.computed if on else self.reused
+            counter[name] = counter.get(name, 0) + 1
+        return tree_unflatten(list(flat), entry.captured.out_spec)
+
+    def _entry_for(self, block, signature: CallSignature, args, kwargs) -> _Capture:
+        current = self.current
+        if current is not None and current.captured.signature == signature:
+            return current
+        if current is not None and self.runtime.step != 0:
+            change = current.captured.signature.describe_change(signature)
+            raise RuntimeError(
+                f"block {self.path!r} changed its input in the middle of a generation (step "
+                f"{self.runtime.step} of {self.runtime.schedule.steps}): {change}. Cached branch "
+                "outputs from earlier steps no longer fit. Keep batch size, resolution, dtype and "
+                "device fixed within a generation, or call model.smoothcache.reset() to start a new one."
+            )
+        entry = self.captures.get(signature)
+        if entry is None:
+            entry = self._capture(block, args, kwargs)
+            self.captures[signature] = entry
+        self.current = entry
+        self.written.clear()
+        _allocate_caches(block, entry)
+        return entry
+
+    def _capture(self, block, args, kwargs) -> _Capture:
+        with torch.inference_mode(False):
+            captured = capture_block(block, self.original_class.forward, args, kwargs)
+        branches = find_residual_branches(captured.graph_module.graph)
+        schedule = self.runtime.schedule
+        masks = {}
+        for component in branches.components:
+            mask = schedule.mask_for(f"{self.path}.{component}")
+            if mask is not None:
+                masks[component] = tuple(bool(v) for v in mask)
+        return _Capture(captured, branches, masks)
+
+    def _variant(self, entry: _Capture, compute: dict[str, bool]) -> SpecialisedBlock:
+        key = tuple(compute.items())
+        variant = entry.variants.get(key)
+        if variant is None:
+            variant = specialise_block(
+                entry.captured.graph_module, entry.branches, compute, kernel=self.runtime.kernel
+            )
+            entry.variants[key] = variant
+        return variant
+
+    def _caches(self, block, variant: SpecialisedBlock) -> list[torch.Tensor]:
+        sites = self.current.branches.sites
+        caches = []
+        for site in variant.cache_sites:
+            index = sites.index(site)
+            if site.component in variant.reused and index not in self.written:
+                raise RuntimeError(
+                    f"block {self.path!r}: the schedule reuses {site.component!r} at step "
+                    f"{self.runtime.step} before it was computed in this generation. Every scheduled "
+                    "branch must compute at the first step of a generation."
+                )
+            if site.component in variant.computed:
+                self.written.add(index)
+            caches.append(getattr(block, f"{CACHE_BUFFER_PREFIX}{index}"))
+        return caches
+
+
+def _state_tensor(block: torch.nn.Module, path: str) -> torch.Tensor:
+    owner, _, name = path.rpartition(".")
+    module = block.get_submodule(owner) if owner else block
+    return getattr(module, name)
+
+
+def _allocate_caches(block: torch.nn.Module, entry: _Capture) -> None:
+    """(Re)allocate one non-persistent buffer per site with the branch output's shape and dtype.
+
+    Allocated outside inference mode so a cache created under `torch.inference_mode()` can still
+    be written later under `torch.no_grad()`; written in place afterwards (static addresses).
+    """
+    nodes = {node.name: node for node in entry.captured.graph_module.graph.nodes}
+    with torch.inference_mode(False), torch.no_grad():
+        for index, site in enumerate(entry.branches.sites):
+            value = nodes[site.branch].meta["val"]
+            name = f"{CACHE_BUFFER_PREFIX}{index}"
+            existing = getattr(block, name, None)
+            if (
+                existing is not None
+                and existing.shape == value.shape
+                and existing.dtype == value.dtype
+                and existing.device == value.device
+            ):
+                continue
+            buffer = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+            block.register_buffer(name, buffer, persistent=False)
+
+
+def _check_grad_mode(block: torch.nn.Module, path: str) -> None:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters()):
+        raise RuntimeError(
+            f"smoothcache_fx runs inference only, but block {path!r} was called with gradients "
+            "enabled: a reused branch output has no gradient path to the steps that computed it. "
+            "Wrap generation in torch.no_grad() or torch.inference_mode() (diffusers pipelines "
+            "already do), or call model.requires_grad_(False)."
+        )

@@ -1,0 +1,149 @@
+"""The one home of a transformed model's state: schedule, step clock, blocks, counters, reset.
+
+Reached as `model.smoothcache`. Each call of the model is one schedule step; a generation ends
+after the schedule's last step and the next call starts a new one. The clock advances in forward
+hooks on the model, in Python, so no step value ever reaches a traced graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smoothcache_fx.block import CACHE_BUFFER_PREFIX, BlockState
+from smoothcache_fx.schedules import Schedule
+
+
+class SmoothCacheRuntime:
+    """Step clock and per-block state of one transformed model.
+
+    Attributes:
+        schedule: the static schedule in force.
+        step: index of the step the next (or current) model call runs, within its generation.
+        generation: how many generations have started since transform/reset.
+        kernel: "op" (fused custom op) or "inductor" (plain ops) at every rewritten site.
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule: Schedule, blocks: dict, kernel: str):
+        self.model_class = type(model).__name__
+        self.schedule = schedule
+        self.kernel = kernel
+        self.blocks: dict[str, torch.nn.Module] = blocks
+        self.step = 0
+        self.generation = 0
+        self.in_model_call = False
+        self.pipeline_calls: int | None = None
+        self._validated = False
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_model_call),
+            model.register_forward_hook(self._after_model_call),
+        ]
+
+    # -- public -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new generation at step 0 on the next call; caches are overwritten, not freed."""
+        self.step = 0
+        self.in_model_call = False
+        for state in self._states():
+            state.reset()
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Swap the schedule (same model); specialised variants are rebuilt lazily."""
+        from smoothcache_fx.transform import as_schedule
+
+        self.schedule = as_schedule(schedule)
+        for state in self._states():
+            state.captures.clear()
+            state.current = None
+        self._validated = False
+        self.reset()
+
+    @property
+    def branches(self) -> dict[str, tuple[str, ...]]:
+        """Block path -> residual branch (component) names found; filled by the first model call."""
+        return {path: state.components for path, state in self._items() if state.components}
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per branch path: how often it computed and reused, and its cache size in bytes."""
+        report = {}
+        for path, block in self.blocks.items():
+            state = block._smoothcache_state
+            if state.current is None:
+                continue
+            sites = state.current.branches.sites
+            for component in state.components:
+                nbytes = sum(
+                    getattr(block, f"{CACHE_BUFFER_PREFIX}{i}").nbytes
+                    for i, site in enumerate(sites)
+                    if site.component == component and component in state.current.masks
+                )
+                report[f"{path}.{component}"] = {
+                    "computed": state.computed.get(component, 0),
+                    "reused": state.reused.get(component, 0),
+                    "cache_bytes": nbytes,
+                }
+        return report
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(entry["cache_bytes"] for entry in self.stats.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"SmoothCacheRuntime({self.model_class}, steps={self.schedule.steps}, step={self.step}, "
+            f"blocks={len(self.blocks)}, branches={sum(len(v) for v in self.branches.values())})"
+        )
+
+    # -- clock ----------------------------------------------------------------------------------
+    def _before_model_call(self, module, args) -> None:
+        if self.in_model_call:  # the previous call raised half way: its generation is void
+            self.reset()
+        if self.pipeline_calls is not None:
+            if self.pipeline_calls >= self.schedule.steps:
+                self.reset()
+                raise ValueError(
+                    f"the pipeline called the model more than the schedule's {self.schedule.steps} "
+                    "steps in one generation; the schedule must have one entry per model call. Pass "
+                    f"num_inference_steps={self.schedule.steps} or use a schedule made for this step "
+                    "count (Schedule.uniform / Schedule.from_errors with steps=...)."
+                )
+            self.pipeline_calls += 1
+        if self.step == 0:
+            self.generation += 1
+            for state in self._states():
+                state.reset()
+        self.in_model_call = True
+
+    def _after_model_call(self, module, args, output) -> None:
+        self.in_model_call = False
+        if not self._validated:
+            self._validate_branches()
+        self.step += 1
+        if self.step == self.schedule.steps:
+            self.step = 0
+
+    def _validate_branches(self) -> None:
+        self._validated = True
+        paths = [path for _, state in self._items() for path in state.branch_paths()]
+        if not paths:
+            self.reset()
+            classes = sorted({state.original_class.__name__ for _, state in self._items()})
+            raise NotImplementedError(
+                f"no residual branch found in {self.model_class}: inspected block classes {classes} "
+                "for `residual + gate * X` or `residual + X` where X is the output of a direct child "
+                "module. Pass the transformer blocks explicitly with transform(..., blocks=[...])."
+            )
+        unmatched = self.schedule.unmatched_keys(paths)
+        if unmatched:
+            self.reset()
+            raise ValueError(
+                f"schedule keys {unmatched} match no residual branch of {self.model_class}. Branches "
+                f"found: {self.branches}. Use a component name (e.g. {sorted({p.rsplit('.', 1)[1] for p in paths})}), "
+                "'component-blockindex', or a full branch path."
+            )
+
+    def _items(self):
+        return [(path, block._smoothcache_state) for path, block in self.blocks.items()]
+
+    def _states(self) -> list[BlockState]:
+        return [block._smoothcache_state for block in self.blocks.values()]

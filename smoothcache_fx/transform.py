@@ -1,0 +1,192 @@
+"""`transform`: turn a DiT (or a diffusers pipeline holding one) into a schedule-driven cached model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from smoothcache_fx.block import BlockState
+from smoothcache_fx.passes.specialise import KERNELS
+from smoothcache_fx.runtime import SmoothCacheRuntime
+from smoothcache_fx.schedules import Schedule
+
+_BLOCK_CLASSES: dict[type, type] = {}
+_PIPELINE_CLASSES: dict[type, type] = {}
+
+
+def transform(model, schedule, *, blocks=None, kernel: str = "op"):
+    """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
+
+    Every transformer block is captured as an FX graph on its first call, its residual branches
+    (`h = h + gate * branch(norm(h))`) are found, and each distinct compute mask of the schedule
+    becomes a specialised graph in which a skipped branch reads a persistent cache buffer and
+    everything only it needed is dead code. Parameters, state_dict keys and the forward signature
+    are unchanged; `model.smoothcache` holds the step clock, `branches`, `stats` and `reset()`.
+
+    Args:
+        model: a DiT-style `torch.nn.Module`, or a diffusers pipeline with a `transformer`; a
+            pipeline's `__call__` then resets the clock and checks the step count per generation.
+        schedule: a `Schedule`, a dict in the SmoothCache JSON format, or a path to a JSON file.
+        blocks: which modules are transformer blocks: module paths or classes. By default every
+            element of every `nn.ModuleList` that has child modules.
+        kernel: "op" emits the fused `smoothcache_fx::gated_residual_add`; "inductor" emits plain
+            torch ops for inductor to fuse.
+
+    Returns:
+        The same object, transformed.
+
+    Example::
+
+        >>> import torch, smoothcache_fx
+        >>> from diffusers import DiTTransformer2DModel
+        >>> model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     num_layers=2, sample_size=8, num_embeds_ada_norm=10).eval()
+        >>> schedule = smoothcache_fx.Schedule.uniform(steps=4, interval=2, components=["attn1", "ff"])
+        >>> model = smoothcache_fx.transform(model, schedule)
+        >>> with torch.no_grad():
+        ...     for t in range(4):
+        ...         out = model(torch.randn(1, 4, 8, 8), timestep=torch.tensor([t]), class_labels=torch.tensor([1]))
+        >>> model.smoothcache.branches["transformer_blocks.0"]
+        ('attn1', 'ff')
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}.")
+    schedule = as_schedule(schedule)
+    if _is_pipeline(model):
+        _transform_pipeline(model, schedule, blocks, kernel)
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"transform expects a torch.nn.Module or a diffusers pipeline with a .transformer; "
+            f"got {type(model).__name__}."
+        )
+    if "smoothcache" in model.__dict__:
+        raise RuntimeError(
+            f"{type(model).__name__} is already transformed by smoothcache_fx. To change the schedule "
+            "call model.smoothcache.set_schedule(schedule) instead of transforming it again."
+        )
+    found = find_blocks(model, blocks)
+    runtime = SmoothCacheRuntime(model, schedule, found, kernel)
+    for path, block in found.items():
+        original = type(block)
+        block._smoothcache_state = BlockState(path, original, runtime)
+        block.__class__ = _block_class(original)
+    model.smoothcache = runtime
+    return model
+
+
+def as_schedule(schedule) -> Schedule:
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, (Mapping, str, os.PathLike)):
+        return Schedule.load(schedule)
+    raise TypeError(
+        f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, or a path "
+        f"to a JSON file; got {type(schedule).__name__}."
+    )
+
+
+def find_blocks(model: torch.nn.Module, blocks=None) -> dict[str, torch.nn.Module]:
+    """Transformer blocks by module path.
+
+    Default: elements of every `nn.ModuleList` that have child modules, not nested in another block.
+    """
+    if blocks is None:
+        found = _module_list_blocks(model)
+    else:
+        found = _selected_blocks(model, blocks)
+    if not found:
+        raise NotImplementedError(
+            f"found no transformer blocks in {type(model).__name__}: looked for elements of "
+            "nn.ModuleList with child modules. Pass them with transform(..., blocks=[paths or classes])."
+        )
+    return found
+
+
+def _module_list_blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    found: dict[str, torch.nn.Module] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or _inside(path, found):
+            continue
+        for index, child in enumerate(module):
+            if any(True for _ in child.children()):
+                found[f"{path}.{index}" if path else str(index)] = child
+    return found
+
+
+def _selected_blocks(model: torch.nn.Module, blocks: Iterable) -> dict[str, torch.nn.Module]:
+    blocks = list(blocks)
+    classes = tuple(b for b in blocks if isinstance(b, type))
+    paths = [b for b in blocks if isinstance(b, str)]
+    bad = [b for b in blocks if not isinstance(b, (type, str))]
+    if bad:
+        raise TypeError(f"blocks must be module paths (str) or module classes; got {bad!r}.")
+    found = {}
+    for path in paths:
+        try:
+            found[path] = model.get_submodule(path)
+        except AttributeError as error:
+            raise ValueError(f"blocks names {path!r}, which is not a submodule of {type(model).__name__}.") from error
+    if classes:
+        for path, module in model.named_modules():
+            if isinstance(module, classes) and not _inside(path, found):
+                found[path] = module
+    return found
+
+
+def _inside(path: str, found: Mapping[str, torch.nn.Module]) -> bool:
+    return any(path.startswith(prefix + ".") for prefix in found)
+
+
+def _block_class(original: type) -> type:
+    """A subclass of the block's class whose forward dispatches to its BlockState."""
+    cls = _BLOCK_CLASSES.get(original)
+    if cls is None:
+
+        def forward(self, *args, **kwargs):
+            return self._smoothcache_state.run(self, args, kwargs)
+
+        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+        cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
+        _BLOCK_CLASSES[original] = cls
+    return cls
+
+
+# -- pipelines ------------------------------------------------------------------------------------
+def _is_pipeline(obj) -> bool:
+    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "transformer", None), torch.nn.Module)
+
+
+def _transform_pipeline(pipe, schedule: Schedule, blocks, kernel: str) -> None:
+    transform(pipe.transformer, schedule, blocks=blocks, kernel=kernel)
+    pipe.__class__ = _pipeline_class(type(pipe))
+
+
+def _pipeline_class(original: type) -> type:
+    """A subclass of the pipeline whose __call__ runs exactly one generation of the schedule."""
+    cls = _PIPELINE_CLASSES.get(original)
+    if cls is None:
+
+        def __call__(self, *args, **kwargs):
+            runtime = self.transformer.smoothcache
+            runtime.reset()
+            runtime.pipeline_calls = 0
+            try:
+                output = original.__call__(self, *args, **kwargs)
+                calls = runtime.pipeline_calls
+            finally:
+                runtime.pipeline_calls = None
+            if calls != runtime.schedule.steps:
+                runtime.reset()
+                raise ValueError(
+                    f"the pipeline called the model {calls} times but the schedule has "
+                    f"{runtime.schedule.steps} steps; the schedule must have one entry per model call. "
+                    f"Pass num_inference_steps={runtime.schedule.steps} or use a schedule for {calls} steps."
+                )
+            return output
+
+        cls = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__})
+        _PIPELINE_CLASSES[original] = cls
+    return cls
