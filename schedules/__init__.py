@@ -1,1 +1,5 @@
 """Schedules: which branch computes at which denoising step."""
+
+from .schedule import FORMAT_NAME, FORMAT_VERSION, Schedule
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Schedule"]

@@ -1,0 +1,430 @@
+"""The Schedule: which residual branch computes at which denoising step.
+
+A schedule is data, not code: a frozen, validated mapping from a key to one 0/1 entry per step
+(1 = compute the branch, 0 = reuse its cached output from the last step that computed). It is
+decided before tracing, so the compiled step never branches on tensors; loading one touches no
+device.
+
+Keys come in three forms, from least to most specific:
+
+* a component name, ``"attn1"`` / ``"ff"`` (diffusers) or ``"attn"`` / ``"mlp"`` (facebookresearch
+  DiT): every branch whose module is called that;
+* a per-block key in the Roblox/SmoothCache style, ``"attn1-3"``: component ``attn1`` of block 3;
+* a full module path, ``"transformer_blocks.3.attn1"``: exactly that branch.
+
+Two file formats load: the bare JSON object published with Roblox/SmoothCache (key -> 0/1 list),
+and our own versioned envelope written by :meth:`Schedule.save`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import operator
+import os
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "smoothcache_fx.schedule"
+FORMAT_VERSION = 1
+_ENVELOPE_FIELDS = frozenset({"format", "version", "steps", "masks", "metadata"})
+_EXAMPLE = "{'attn1': [1, 0, 1, ...], 'ff': [1, 1, 0, ...]}"
+
+
+@dataclass(frozen=True, repr=False)
+class Schedule:
+    """Which residual branch computes at which denoising step.
+
+    Construction validates and normalises: masks become tuples of 0/1 ints in a read-only mapping
+    with sorted keys, metadata becomes a read-only copy of plain JSON data (so a save/load round
+    trip compares equal). Two schedules are equal when steps, masks and metadata are; the hash
+    covers steps and masks only, because metadata may hold unhashable lists.
+
+    Args:
+        steps: number of denoising steps; every mask has exactly this many entries.
+        masks: key -> one 0/1 (or bool) per step. Step 0 must compute: the cache is empty then.
+        metadata: free-form JSON-serialisable notes (model, solver, alpha, lookahead, generator...).
+
+    Example::
+
+        >>> s = Schedule(4, {"attn1": [1, 0, 1, 0], "ff-2": [1, 1, 1, 0]})
+        >>> s.mask_for("transformer_blocks.2.ff")
+        (True, True, True, False)
+        >>> s.computes("transformer_blocks.0.ff", 3)  # no key applies: always computes
+        True
+    """
+
+    steps: int
+    masks: Mapping[str, tuple[int, ...]]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate_steps(self.steps)
+        masks = _validate_masks(self.masks)
+        lengths: dict[int, list[str]] = {}
+        for key, mask in masks.items():
+            lengths.setdefault(len(mask), []).append(key)
+        if len(lengths) > 1:
+            found = ", ".join(f"{key}={len(mask)}" for key, mask in masks.items())
+            raise ValueError(
+                f"masks must all have the same length (one entry per denoising step); got {found}. "
+                "Make every mask as long as the number of steps."
+            )
+        (length,) = lengths
+        if length != self.steps:
+            raise ValueError(
+                f"masks must have steps={self.steps} entries each; got {length} for "
+                f"{', '.join(map(repr, masks))}. Pass steps={length} or fix the masks."
+            )
+        lazy = [key for key, mask in masks.items() if mask[0] != 1]
+        if lazy:
+            raise ValueError(
+                "every mask must compute at step 0, because the cache is empty before the first step "
+                f"and there is nothing to reuse; got 0 at step 0 for {', '.join(map(repr, lazy))}. "
+                "Set the first entry of these masks to 1."
+            )
+        object.__setattr__(self, "masks", types.MappingProxyType(masks))
+        object.__setattr__(self, "metadata", types.MappingProxyType(_validate_metadata(self.metadata)))
+
+    # Frozen dataclass plumbing: MappingProxyType is neither hashable nor picklable.
+    def __hash__(self) -> int:
+        return hash((self.steps, tuple(self.masks.items())))
+
+    def __reduce__(self):
+        return (type(self), (self.steps, dict(self.masks), dict(self.metadata)))
+
+    def __repr__(self) -> str:
+        fractions = self.compute_fraction
+        if len(fractions) <= 4:
+            compute = "{" + ", ".join(f"{k!r}: {v:.2f}" for k, v in fractions.items()) + "}"
+            keys = repr(list(self.keys))
+        else:
+            values = list(fractions.values())
+            mean = sum(values) / len(values)
+            compute = f"{mean:.2f} (min {min(values):.2f}, max {max(values):.2f})"
+            keys = f"{len(values)} [{self.keys[0]!r}, {self.keys[1]!r}, ..., {self.keys[-1]!r}]"
+        return f"Schedule(steps={self.steps}, keys={keys}, compute_fraction={compute})"
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The schedule's keys, sorted."""
+        return tuple(self.masks)
+
+    @property
+    def compute_fraction(self) -> dict[str, float]:
+        """Key -> fraction of steps that compute (1.0 = never reuses; the speed-up bound is its inverse)."""
+        return {key: sum(mask) / self.steps for key, mask in self.masks.items()}
+
+    def key_for(self, branch_path: str) -> str | None:
+        """The key that decides ``branch_path``, most specific first; None when none applies.
+
+        Precedence: the full module path itself, then ``"<component>-<block index>"`` (the last
+        dotted segment, and the one before it when that is all digits, as in
+        ``transformer_blocks.3.attn1`` -> ``attn1-3``), then the bare component.
+        """
+        for candidate in _candidates(branch_path):
+            if candidate in self.masks:
+                return candidate
+        return None
+
+    def mask_for(self, branch_path: str) -> tuple[bool, ...] | None:
+        """One bool per step for the branch at ``branch_path`` (True = compute), or None.
+
+        None means no key applies, and the branch computes at every step.
+
+        Example::
+
+            >>> s = Schedule(2, {"attn": [1, 0], "attn-3": [1, 1]})
+            >>> s.mask_for("blocks.3.attn"), s.mask_for("blocks.4.attn"), s.mask_for("blocks.4.mlp")
+            ((True, True), (True, False), None)
+        """
+        key = self.key_for(branch_path)
+        return None if key is None else tuple(bool(v) for v in self.masks[key])
+
+    def computes(self, branch_path: str, step: int) -> bool:
+        """Whether the branch at ``branch_path`` computes at ``step`` (True when no key applies)."""
+        if not 0 <= step < self.steps:
+            raise ValueError(
+                f"step must be in [0, {self.steps}) for this {self.steps}-step schedule; got {step}. "
+                "Run as many steps as the schedule has, or load a schedule made for this step count."
+            )
+        key = self.key_for(branch_path)
+        return key is None or self.masks[key][step] == 1
+
+    def unmatched_keys(self, branch_paths: Iterable[str]) -> list[str]:
+        """Keys that name none of ``branch_paths`` (sorted): usually a typo or a different model.
+
+        A key matches a path when it is one of that path's candidates (see :meth:`key_for`), even
+        if a more specific key decides the path; a key shadowed that way still names a real branch.
+        """
+        named = {candidate for path in branch_paths for candidate in _candidates(path)}
+        return [key for key in self.masks if key not in named]
+
+    def with_metadata(self, **metadata: Any) -> Schedule:
+        """A copy with ``metadata`` merged over the current metadata (this schedule is unchanged)."""
+        return dataclasses.replace(self, metadata={**self.metadata, **metadata})
+
+    # ------------------------------------------------------------------ generators
+
+    @classmethod
+    def all_compute(cls, steps: int, components: Sequence[str]) -> Schedule:
+        """Every branch computes at every step: the uncached baseline, written as a schedule.
+
+        Example::
+
+            >>> Schedule.all_compute(3, ["attn1"]).masks["attn1"]
+            (1, 1, 1)
+        """
+        _validate_steps(steps)
+        keys = _validate_components(components)
+        return cls(steps, {key: [1] * steps for key in keys}, {"generator": "all_compute"})
+
+    @classmethod
+    def uniform(cls, steps: int, interval: int, components: Sequence[str]) -> Schedule:
+        """FORA-style fixed interval: step ``i`` computes iff ``i % interval == 0``.
+
+        Plain FORA: the last step is not forced to compute. The Roblox ``*-N-2-fora.json`` files
+        differ from ``uniform(steps, 2, ...)`` in that one entry only (their last step computes).
+        ``interval=1`` gives the same masks as :meth:`all_compute`.
+
+        Example::
+
+            >>> Schedule.uniform(5, 2, ["attn", "mlp"]).masks["attn"]
+            (1, 0, 1, 0, 1)
+        """
+        if not isinstance(interval, int) or isinstance(interval, bool):
+            raise TypeError(f"interval must be an int; got {type(interval).__name__} {interval!r}.")
+        if interval < 1:
+            raise ValueError(
+                f"interval must be >= 1 (compute every `interval` steps); got {interval}. "
+                "Use interval=1 for no caching, 2 to compute every other step."
+            )
+        _validate_steps(steps)
+        keys = _validate_components(components)
+        mask = [int(i % interval == 0) for i in range(steps)]
+        return cls(steps, {key: mask for key in keys}, {"generator": "uniform", "interval": interval})
+
+    # ------------------------------------------------------------------ I/O
+
+    def to_dict(self) -> dict[str, Any]:
+        """This schedule as plain JSON data in the versioned ``smoothcache_fx.schedule`` format."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "steps": self.steps,
+            "masks": {key: list(mask) for key, mask in self.masks.items()},
+            "metadata": json.loads(json.dumps(dict(self.metadata))),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
+        """Build a schedule from either on-disk format, as parsed JSON.
+
+        * Ours (has ``"format"``): ``{"format": "smoothcache_fx.schedule", "version": 1,
+          "steps": N, "masks": {...}, "metadata": {...}}``.
+        * Roblox/SmoothCache: the bare mapping ``{"attn": [1, 0, ...], "mlp": [...]}``; steps is
+          the mask length.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"schedule data must be a mapping; got {type(data).__name__}. Pass a dict such as "
+                f"{_EXAMPLE} or the output of Schedule.to_dict()."
+            )
+        if "format" not in data and "version" not in data:
+            lengths = [len(v) for v in data.values() if isinstance(v, Sequence) and not isinstance(v, str)]
+            return cls(max(lengths, default=1), dict(data), {})
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(
+                f"schedule format must be {FORMAT_NAME!r}; got {data.get('format')!r}. Pass a file written "
+                "by Schedule.save(), or a bare Roblox-style mapping of keys to 0/1 lists."
+            )
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(
+                f"schedule version must be an int from 1 to {FORMAT_VERSION} (the versions this smoothcache_fx "
+                f"reads); got {version!r}. A newer version was written by a newer smoothcache_fx: "
+                "upgrade, or re-save the schedule with this one."
+            )
+        unknown = sorted(set(data) - _ENVELOPE_FIELDS)
+        missing = sorted({"steps", "masks"} - set(data))
+        if unknown or missing:
+            raise ValueError(
+                f"a version-{version} schedule must have the fields steps, masks and optionally metadata; "
+                f"got unknown {unknown} and missing {missing}. Fix the field names."
+            )
+        return cls(data["steps"], data["masks"], data.get("metadata", {}))
+
+    @classmethod
+    def load(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Schedule:
+        """Load a schedule from a JSON file (either format) or an already parsed dict.
+
+        Reads JSON only; no tensors or device are touched.
+
+        Example::
+
+            schedule = Schedule.load("smoothcache_schedules/50-N-3-threshold-0.08.json")
+        """
+        if isinstance(source, Mapping):
+            return cls.from_dict(source)
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(
+                f"source must be a path (str or os.PathLike) or a dict; got {type(source).__name__}."
+            )
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"schedule path must name an existing JSON file; got {str(path)!r}, which does not exist. "
+                "Check the path (relative paths are from the current directory)."
+            ) from err
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"schedule file {str(path)!r} must contain valid JSON; got an error at line {err.lineno}, "
+                f"column {err.colno}: {err.msg}. The file should hold an object such as {_EXAMPLE} "
+                "or the output of Schedule.save()."
+            ) from err
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"schedule file {str(path)!r} must contain a JSON object; got a JSON "
+                f"{type(data).__name__}. Write an object such as {_EXAMPLE}."
+            )
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+        except TypeError as err:
+            raise TypeError(f"{path}: {err}") from err
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_dict` as JSON, one mask per line so diffs stay readable; returns the path."""
+        data = self.to_dict()
+        masks = ",\n".join(
+            f"    {json.dumps(key)}: {json.dumps(mask)}" for key, mask in data["masks"].items()
+        )
+        metadata = json.dumps(data["metadata"], indent=2, sort_keys=True).replace("\n", "\n  ")
+        text = (
+            "{\n"
+            f'  "format": {json.dumps(FORMAT_NAME)},\n'
+            f'  "version": {FORMAT_VERSION},\n'
+            f'  "steps": {self.steps},\n'
+            f'  "masks": {{\n{masks}\n  }},\n'
+            f'  "metadata": {metadata}\n'
+            "}\n"
+        )
+        path = Path(path)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _candidates(branch_path: str) -> list[str]:
+    """Keys that could name ``branch_path``, most specific first (see Schedule.key_for)."""
+    segments = branch_path.split(".")
+    component = segments[-1]
+    candidates = [branch_path]
+    if len(segments) >= 2 and segments[-2].isascii() and segments[-2].isdigit():
+        candidates.append(f"{component}-{segments[-2]}")
+    candidates.append(component)
+    return candidates
+
+
+def _validate_steps(steps: Any) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        raise TypeError(f"steps must be an int; got {type(steps).__name__} {steps!r}.")
+    if steps < 1:
+        raise ValueError(
+            f"steps must be >= 1 (a schedule holds one entry per denoising step); got {steps}. "
+            "Pass the sampler's number of inference steps."
+        )
+
+
+def _validate_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(
+            f"schedule keys must be strings; got {type(key).__name__} {key!r}. Use a component name "
+            "('attn1'), a per-block key ('attn1-3') or a module path ('transformer_blocks.3.attn1')."
+        )
+    if not key or any(c.isspace() for c in key) or "" in key.split("."):
+        raise ValueError(
+            "schedule keys must be non-empty, without whitespace or empty dotted segments; "
+            f"got {key!r}. Use a component name ('attn1'), a per-block key ('attn1-3') or a module path "
+            "('transformer_blocks.3.attn1')."
+        )
+    return key
+
+
+def _validate_mask(key: str, mask: Any) -> tuple[int, ...]:
+    if isinstance(mask, (str, bytes, Mapping, set, frozenset)) or not isinstance(mask, Iterable):
+        raise TypeError(
+            f"the mask for {key!r} must be a list of 0/1, one per step; got {type(mask).__name__} {mask!r}."
+        )
+    values = []
+    for step, value in enumerate(mask):
+        try:
+            number = int(value) if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            raise TypeError(
+                f"mask values must be 0 or 1 (int or bool); got {value!r} ({type(value).__name__}) at step "
+                f"{step} of {key!r}. Use 1 to compute and 0 to reuse the cached output (convert arrays "
+                "with .tolist())."
+            ) from None
+        if number not in (0, 1):
+            raise ValueError(
+                f"mask values must be 0 or 1; got {value!r} at step {step} of {key!r}. "
+                "Use 1 to compute the branch and 0 to reuse its cached output."
+            )
+        values.append(number)
+    return tuple(values)
+
+
+def _validate_masks(masks: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping of key -> 0/1 list; got {type(masks).__name__}.")
+    if not masks:
+        raise ValueError(
+            f"a schedule must have at least one mask; got no keys. Pass masks such as {_EXAMPLE}, "
+            "or use Schedule.all_compute(steps, components)."
+        )
+    for key in masks:
+        _validate_key(key)
+    return {key: _validate_mask(key, masks[key]) for key in sorted(masks)}
+
+
+def _validate_metadata(metadata: Any) -> dict[str, Any]:
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping; got {type(metadata).__name__}.")
+    for key in metadata:
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be strings; got {type(key).__name__} {key!r}.")
+    try:
+        # A JSON round trip checks it can be saved, copies it, and turns tuples into lists so
+        # that a loaded schedule compares equal to the one that was saved.
+        return json.loads(json.dumps(dict(metadata)))
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"metadata must be JSON-serialisable (it is saved with the schedule); got {err}. "
+            "Store numbers, strings, lists and dicts only."
+        ) from err
+
+
+def _validate_components(components: Any) -> list[str]:
+    if isinstance(components, str) or not isinstance(components, Iterable):
+        raise TypeError(
+            "components must be a sequence of keys such as ['attn1', 'ff']; "
+            f"got {type(components).__name__} {components!r}."
+        )
+    keys = [_validate_key(key) for key in components]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"components must be distinct; got {duplicates} more than once. Drop the repeats.")
+    return keys
