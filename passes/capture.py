@@ -174,3 +174,32 @@ def remove_assertions(graph_module: torch.fx.GraphModule) -> int:
             removed += 1
     graph_module.recompile()
     return removed
+
+
+def structure_key(block: torch.nn.Module) -> tuple:
+    """A fingerprint under which two blocks trace to the same graph.
+
+    Two blocks share a captured graph when their module trees, state shapes/dtypes and the plain
+    Python attributes that forward may branch on (norm types, head counts, chunk sizes, processor
+    classes) are equal. Parameters are graph inputs, so their values do not matter.
+    """
+    parts = []
+    for path, module in block.named_modules():
+        attributes = []
+        for name, value in sorted(vars(module).items()):
+            if name.startswith("_") and name not in ("_chunk_size", "_chunk_dim"):
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                attributes.append((name, value))
+            elif isinstance(value, (tuple, list)) and all(
+                isinstance(v, (bool, int, float, str)) for v in value
+            ):
+                attributes.append((name, tuple(value)))
+            elif not isinstance(value, torch.Tensor):
+                attributes.append((name, type(value).__qualname__))
+        state = tuple(
+            (name, tuple(t.shape), t.dtype, t.device)
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        )
+        parts.append((path, type(module).__qualname__, tuple(attributes), state))
+    return tuple(parts)

@@ -69,8 +69,9 @@ def specialise_block(
             f"compute mask names components {unknown} that this block does not have; "
             f"its residual branches are {list(branches.components)}."
         )
-    gm = copy.deepcopy(graph_module)
-    graph = gm.graph
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    gm = GraphModule(torch.nn.Module(), graph, class_name="SpecialisedBlock")
     nodes = {node.name: node for node in graph.nodes}
     nodes_before = len(nodes)
     last_placeholder = [node for node in graph.nodes if node.op == "placeholder"][-1]
@@ -135,4 +136,3 @@ def _emit_decomposed(graph, residual: Node, branch: Node, gate: Node | None, cac
         graph.call_function(aten.copy_.default, (cache, branch))
     update = branch if gate is None else graph.call_function(aten.mul.Tensor, (gate, branch))
     return graph.call_function(aten.add.Tensor, (residual, update))
-

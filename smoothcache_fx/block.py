@@ -14,7 +14,13 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from smoothcache_fx.passes.branches import BlockBranches, find_residual_branches
-from smoothcache_fx.passes.capture import CallSignature, CapturedBlock, call_signature, capture_block
+from smoothcache_fx.passes.capture import (
+    CallSignature,
+    CapturedBlock,
+    call_signature,
+    capture_block,
+    structure_key,
+)
 from smoothcache_fx.passes.specialise import SpecialisedBlock, specialise_block
 
 if TYPE_CHECKING:
@@ -81,7 +87,8 @@ class BlockState:
         caches = self._caches(block, variant)
         state = [_state_tensor(block, name) for name in entry.captured.state_names]
         flat = variant.graph_module(*state, *entry.captured.constants, *tensors, *caches)
-        for name, on in compute.items():
+        for name in entry.branches.components:
+            on = compute.get(name, True)  # unscheduled branches always compute
             counter = self.computed if on else self.reused
             counter[name] = counter.get(name, 0) + 1
         return tree_unflatten(list(flat), entry.captured.out_spec)
@@ -108,9 +115,15 @@ class BlockState:
         return entry
 
     def _capture(self, block, args, kwargs) -> _Capture:
-        with torch.inference_mode(False):
-            captured = capture_block(block, self.original_class.forward, args, kwargs)
-        branches = find_residual_branches(captured.graph_module.graph)
+        signature, _ = call_signature(args, kwargs)
+        shared_key = (self.original_class, structure_key(block), signature)
+        shared = self.runtime.captured_graphs.get(shared_key)
+        if shared is None:
+            with torch.inference_mode(False):
+                captured = capture_block(block, self.original_class.forward, args, kwargs)
+            shared = (captured, find_residual_branches(captured.graph_module.graph))
+            self.runtime.captured_graphs[shared_key] = shared
+        captured, branches = shared
         schedule = self.runtime.schedule
         masks = {}
         for component in branches.components:

@@ -28,6 +28,8 @@ class SmoothCacheRuntime:
         self.schedule = schedule
         self.kernel = kernel
         self.blocks: dict[str, torch.nn.Module] = blocks
+        # Blocks of identical structure share one captured graph (parameters are graph inputs).
+        self.captured_graphs: dict[tuple, tuple] = {}
         self.step = 0
         self.generation = 0
         self.in_model_call = False
@@ -51,6 +53,7 @@ class SmoothCacheRuntime:
         from smoothcache_fx.transform import as_schedule
 
         self.schedule = as_schedule(schedule)
+        self.captured_graphs.clear()
         for state in self._states():
             state.captures.clear()
             state.current = None

@@ -93,10 +93,7 @@ def find_blocks(model: torch.nn.Module, blocks=None) -> dict[str, torch.nn.Modul
 
     Default: elements of every `nn.ModuleList` that have child modules, not nested in another block.
     """
-    if blocks is None:
-        found = _module_list_blocks(model)
-    else:
-        found = _selected_blocks(model, blocks)
+    found = _module_list_blocks(model) if blocks is None else _selected_blocks(model, blocks)
     if not found:
         raise NotImplementedError(
             f"found no transformer blocks in {type(model).__name__}: looked for elements of "
@@ -128,7 +125,9 @@ def _selected_blocks(model: torch.nn.Module, blocks: Iterable) -> dict[str, torc
         try:
             found[path] = model.get_submodule(path)
         except AttributeError as error:
-            raise ValueError(f"blocks names {path!r}, which is not a submodule of {type(model).__name__}.") from error
+            raise ValueError(
+                f"blocks names {path!r}, which is not a submodule of {type(model).__name__}."
+            ) from error
     if classes:
         for path, module in model.named_modules():
             if isinstance(module, classes) and not _inside(path, found):
@@ -156,7 +155,9 @@ def _block_class(original: type) -> type:
 
 # -- pipelines ------------------------------------------------------------------------------------
 def _is_pipeline(obj) -> bool:
-    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "transformer", None), torch.nn.Module)
+    return not isinstance(obj, torch.nn.Module) and isinstance(
+        getattr(obj, "transformer", None), torch.nn.Module
+    )
 
 
 def _transform_pipeline(pipe, schedule: Schedule, blocks, kernel: str) -> None:
