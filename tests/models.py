@@ -187,3 +187,23 @@ def _randomise_zero_init(model: nn.Module) -> nn.Module:
             if param.abs().max() == 0:
                 param.normal_(std=0.2)
     return model
+
+
+def dit_pipeline(num_layers: int = 2, seed: int = 0):
+    """diffusers DiTPipeline around the tiny DiT, a tiny random VAE and DDIM; CFG batches cond+uncond."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=8,
+    ).eval()
+    pipe = DiTPipeline(transformer=diffusers_dit(num_layers, seed), vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
