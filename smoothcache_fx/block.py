@@ -7,6 +7,7 @@ graph: the variant is chosen in Python from the static schedule, so each variant
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,13 +31,36 @@ CACHE_BUFFER_PREFIX = "smoothcache_cache_"
 
 
 @dataclass
-class _Capture:
-    """One captured call signature of a block and everything derived from it."""
+class SharedCapture:
+    """A captured graph and its specialised variants, shared by every block of the same structure
+    and call signature (parameters are graph inputs, so one graph serves them all)."""
 
     captured: CapturedBlock
     branches: BlockBranches
-    masks: dict[str, tuple[bool, ...]]
     variants: dict[tuple[tuple[str, bool], ...], SpecialisedBlock] = field(default_factory=dict)
+    compiled: dict[tuple[tuple[str, bool], ...], Callable] = field(default_factory=dict)
+    calls: dict[tuple[tuple[str, bool], ...], int] = field(default_factory=dict)
+    blocks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Capture:
+    """One call signature of one block: the shared graph plus this block's schedule masks."""
+
+    shared: SharedCapture
+    masks: dict[str, tuple[bool, ...]]
+
+    @property
+    def captured(self) -> CapturedBlock:
+        return self.shared.captured
+
+    @property
+    def branches(self) -> BlockBranches:
+        return self.shared.branches
+
+    @property
+    def variants(self) -> dict:
+        return self.shared.variants
 
 
 class BlockState:
@@ -67,7 +91,10 @@ class BlockState:
         self.last_call = None
 
     # -- dispatch -------------------------------------------------------------------------------
+    @torch.compiler.disable
     def run(self, block: torch.nn.Module, args: tuple, kwargs: dict):
+        """Run one step of the block. Never traced: a user's torch.compile around the model breaks
+        the graph here instead of guarding on the step (which would recompile every step)."""
         runtime = self.runtime
         if not runtime.in_model_call:
             return self.original_class.forward(block, *args, **kwargs)
@@ -83,10 +110,10 @@ class BlockState:
             )
         self.last_call = call_id
         compute = {name: mask[runtime.step] for name, mask in entry.masks.items()}
-        variant = self._variant(entry, compute)
+        variant, run_graph = self._variant(entry, compute, tensors)
         caches = self._caches(block, variant)
         state = [_state_tensor(block, name) for name in entry.captured.state_names]
-        flat = variant.graph_module(*state, *entry.captured.constants, *tensors, *caches)
+        flat = run_graph(*state, *entry.captured.constants, *tensors, *caches)
         for name in entry.branches.components:
             on = compute.get(name, True)  # unscheduled branches always compute
             counter = self.computed if on else self.reused
@@ -111,7 +138,7 @@ class BlockState:
             self.captures[signature] = entry
         self.current = entry
         self.written.clear()
-        _allocate_caches(block, entry)
+        _allocate_caches(block, entry, static=self.runtime.compile_config.uses_cuda_graphs)
         return entry
 
     def _capture(self, block, args, kwargs) -> _Capture:
@@ -121,26 +148,40 @@ class BlockState:
         if shared is None:
             with torch.inference_mode(False):
                 captured = capture_block(block, self.original_class.forward, args, kwargs)
-            shared = (captured, find_residual_branches(captured.graph_module.graph))
+            shared = SharedCapture(captured, find_residual_branches(captured.graph_module.graph))
             self.runtime.captured_graphs[shared_key] = shared
-        captured, branches = shared
+        shared.blocks.append(self.path)
+        branches = shared.branches
         schedule = self.runtime.schedule
         masks = {}
         for component in branches.components:
             mask = schedule.mask_for(f"{self.path}.{component}")
             if mask is not None:
                 masks[component] = tuple(bool(v) for v in mask)
-        return _Capture(captured, branches, masks)
+        return _Capture(shared, masks)
 
-    def _variant(self, entry: _Capture, compute: dict[str, bool]) -> SpecialisedBlock:
+    def _variant(
+        self, entry: _Capture, compute: dict[str, bool], tensors
+    ) -> tuple[SpecialisedBlock, Callable]:
+        """The specialised graph for `compute` and the callable that runs it (compiled or not)."""
+        shared = entry.shared
         key = tuple(compute.items())
-        variant = entry.variants.get(key)
+        variant = shared.variants.get(key)
         if variant is None:
             variant = specialise_block(
-                entry.captured.graph_module, entry.branches, compute, kernel=self.runtime.kernel
+                shared.captured.graph_module, shared.branches, compute, kernel=self.runtime.kernel
             )
-            entry.variants[key] = variant
-        return variant
+            shared.variants[key] = variant
+        shared.calls[key] = shared.calls.get(key, 0) + 1
+        config = self.runtime.compile_config
+        if not config.enabled:
+            return variant, variant.graph_module
+        run_graph = shared.compiled.get(key)
+        if run_graph is None:
+            device = tensors[0].device if tensors else torch.device("cpu")
+            run_graph = config.compile(variant.graph_module, device)
+            shared.compiled[key] = run_graph
+        return variant, run_graph
 
     def _caches(self, block, variant: SpecialisedBlock) -> list[torch.Tensor]:
         sites = self.current.branches.sites
@@ -165,7 +206,7 @@ def _state_tensor(block: torch.nn.Module, path: str) -> torch.Tensor:
     return getattr(module, name)
 
 
-def _allocate_caches(block: torch.nn.Module, entry: _Capture) -> None:
+def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = False) -> None:
     """(Re)allocate one non-persistent buffer per site with the branch output's shape and dtype.
 
     Allocated outside inference mode so a cache created under `torch.inference_mode()` can still
@@ -185,6 +226,8 @@ def _allocate_caches(block: torch.nn.Module, entry: _Capture) -> None:
             ):
                 continue
             buffer = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+            if static:  # CUDA graphs read and write the buffer in place instead of copying it
+                torch._dynamo.mark_static_address(buffer, guard=False)
             block.register_buffer(name, buffer, persistent=False)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from smoothcache_fx.block import CACHE_BUFFER_PREFIX, BlockState
+from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.schedules import Schedule
 
 
@@ -23,10 +24,18 @@ class SmoothCacheRuntime:
         kernel: "op" (fused custom op) or "inductor" (plain ops) at every rewritten site.
     """
 
-    def __init__(self, model: torch.nn.Module, schedule: Schedule, blocks: dict, kernel: str):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: Schedule,
+        blocks: dict,
+        kernel: str,
+        compile_config: CompileConfig | None = None,
+    ):
         self.model_class = type(model).__name__
         self.schedule = schedule
         self.kernel = kernel
+        self.compile_config = compile_config or CompileConfig()
         self.blocks: dict[str, torch.nn.Module] = blocks
         # Blocks of identical structure share one captured graph (parameters are graph inputs).
         self.captured_graphs: dict[tuple, tuple] = {}
@@ -88,6 +97,25 @@ class SmoothCacheRuntime:
         return report
 
     @property
+    def variants(self) -> list[dict]:
+        """Every specialised variant built so far: which blocks share it, its mask, calls, compiled."""
+        report = []
+        for shared in self.captured_graphs.values():
+            for key, variant in shared.variants.items():
+                report.append(
+                    {
+                        "block_class": shared.blocks and type(self.blocks[shared.blocks[0]]).__name__,
+                        "blocks": list(shared.blocks),
+                        "compute": dict(key),
+                        "rewritten": variant.rewritten,
+                        "nodes_removed": variant.nodes_removed,
+                        "calls": shared.calls.get(key, 0),
+                        "compiled": key in shared.compiled,
+                    }
+                )
+        return report
+
+    @property
     def cache_bytes(self) -> int:
         return sum(entry["cache_bytes"] for entry in self.stats.values())
 
@@ -115,6 +143,8 @@ class SmoothCacheRuntime:
             self.generation += 1
             for state in self._states():
                 state.reset()
+        if self.compile_config.uses_cuda_graphs and torch.cuda.is_available():
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the last step are consumed
         self.in_model_call = True
 
     def _after_model_call(self, module, args, output) -> None:
@@ -136,6 +166,7 @@ class SmoothCacheRuntime:
                 "for `residual + gate * X` or `residual + X` where X is the output of a direct child "
                 "module. Pass the transformer blocks explicitly with transform(..., blocks=[...])."
             )
+        self._check_variant_count()
         unmatched = self.schedule.unmatched_keys(paths)
         if unmatched:
             self.reset()
@@ -143,6 +174,30 @@ class SmoothCacheRuntime:
                 f"schedule keys {unmatched} match no residual branch of {self.model_class}. Branches "
                 f"found: {self.branches}. Use a component name (e.g. {sorted({p.rsplit('.', 1)[1] for p in paths})}), "
                 "'component-blockindex', or a full branch path."
+            )
+
+    def distinct_variants(self) -> int:
+        """How many specialised graphs the schedule needs over a whole generation (all blocks)."""
+        needed: dict[int, set] = {}
+        for state in self._states():
+            entry = state.current
+            if entry is None:
+                continue
+            keys = needed.setdefault(id(entry.shared), set())
+            for step in range(self.schedule.steps):
+                keys.add(tuple((name, mask[step]) for name, mask in entry.masks.items()))
+        return sum(len(keys) for keys in needed.values())
+
+    def _check_variant_count(self) -> None:
+        config = self.compile_config
+        count = self.distinct_variants()
+        if config.enabled and count > config.max_variants:
+            self.reset()
+            raise ValueError(
+                f"this schedule needs {count} compiled variants for {self.model_class}, more than "
+                f"max_variants={config.max_variants}. Raise max_variants (each costs one compile), "
+                "use a per-component schedule (a few variants per block structure), or transform "
+                "with compile=False to run the specialised graphs eagerly."
             )
 
     def _items(self):

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from smoothcache_fx.block import BlockState
+from smoothcache_fx.compile import DEFAULT_MAX_VARIANTS, CompileConfig
 from smoothcache_fx.passes.specialise import KERNELS
 from smoothcache_fx.runtime import SmoothCacheRuntime
 from smoothcache_fx.schedules import Schedule
@@ -16,7 +17,19 @@ _BLOCK_CLASSES: dict[type, type] = {}
 _PIPELINE_CLASSES: dict[type, type] = {}
 
 
-def transform(model, schedule, *, blocks=None, kernel: str = "op"):
+def transform(
+    model,
+    schedule,
+    *,
+    blocks=None,
+    kernel: str = "op",
+    compile: bool = False,
+    backend="inductor",
+    mode: str | None = None,
+    options: dict | None = None,
+    dynamic: bool | None = False,
+    max_variants: int = DEFAULT_MAX_VARIANTS,
+):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
     Every transformer block is captured as an FX graph on its first call, its residual branches
@@ -33,6 +46,12 @@ def transform(model, schedule, *, blocks=None, kernel: str = "op"):
             element of every `nn.ModuleList` that has child modules.
         kernel: "op" emits the fused `smoothcache_fx::gated_residual_add`; "inductor" emits plain
             torch ops for inductor to fuse.
+        compile: compile every distinct variant once with `torch.compile(fullgraph=True)`;
+            blocks of one structure share each compiled artifact, and the step is chosen in Python
+            outside compiled code (no recompiles across steps).
+        backend, mode, options, dynamic: passed to torch.compile. mode="reduce-overhead" (CUDA
+            graphs) needs CUDA; on CPU it warns and compiles with the default mode.
+        max_variants: with compile=True, refuse schedules needing more compiled variants than this.
 
     Returns:
         The same object, transformed.
@@ -54,8 +73,16 @@ def transform(model, schedule, *, blocks=None, kernel: str = "op"):
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}.")
     schedule = as_schedule(schedule)
+    compile_config = CompileConfig(
+        enabled=bool(compile),
+        backend=backend,
+        mode=mode,
+        options=options or {},
+        dynamic=dynamic,
+        max_variants=max_variants,
+    )
     if _is_pipeline(model):
-        _transform_pipeline(model, schedule, blocks, kernel)
+        _transform_pipeline(model, schedule, blocks, kernel, compile_config)
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -67,14 +94,17 @@ def transform(model, schedule, *, blocks=None, kernel: str = "op"):
             f"{type(model).__name__} is already transformed by smoothcache_fx. To change the schedule "
             "call model.smoothcache.set_schedule(schedule) instead of transforming it again."
         )
-    found = find_blocks(model, blocks)
-    runtime = SmoothCacheRuntime(model, schedule, found, kernel)
+    _install(model, schedule, find_blocks(model, blocks), kernel, compile_config)
+    return model
+
+
+def _install(model, schedule: Schedule, found: dict, kernel: str, compile_config: CompileConfig) -> None:
+    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config)
     for path, block in found.items():
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
         block.__class__ = _block_class(original)
     model.smoothcache = runtime
-    return model
 
 
 def as_schedule(schedule) -> Schedule:
@@ -160,8 +190,14 @@ def _is_pipeline(obj) -> bool:
     )
 
 
-def _transform_pipeline(pipe, schedule: Schedule, blocks, kernel: str) -> None:
-    transform(pipe.transformer, schedule, blocks=blocks, kernel=kernel)
+def _transform_pipeline(pipe, schedule: Schedule, blocks, kernel: str, compile_config: CompileConfig) -> None:
+    if "smoothcache" in pipe.transformer.__dict__:
+        raise RuntimeError(
+            "this pipeline's transformer is already transformed by smoothcache_fx. To change the "
+            "schedule call pipe.transformer.smoothcache.set_schedule(schedule)."
+        )
+    found = find_blocks(pipe.transformer, blocks)
+    _install(pipe.transformer, schedule, found, kernel, compile_config)
     pipe.__class__ = _pipeline_class(type(pipe))
 
 

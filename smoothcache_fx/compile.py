@@ -1,0 +1,85 @@
+"""Compiling specialised variants with torch.compile.
+
+Each distinct variant (block structure x call signature x compute mask) is compiled once with
+`fullgraph=True`. Parameters and caches are graph inputs, so every block of one structure shares the
+compiled artifact, and the step is chosen in Python outside compiled code: no step value ever
+reaches dynamo, so a 50-step generation causes no recompiles.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# A 28-block DiT with a per-block schedule needs a few per structure; far more means a schedule
+# with nearly every step different, where compile time would dwarf the saving (see BENCHMARKS.md).
+DEFAULT_MAX_VARIANTS = 32
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How variants are compiled; `enabled=False` runs the specialised graphs eagerly.
+
+    Attributes:
+        enabled: compile each variant with torch.compile.
+        backend: torch.compile backend ("inductor", "aot_eager", ...).
+        mode: torch.compile mode; "reduce-overhead" (CUDA graphs) needs CUDA tensors and falls
+            back to the default mode, with a warning, for CPU variants.
+        options: inductor options (`torch._inductor.list_options()`), e.g. {"max_autotune": True}.
+        dynamic: passed to torch.compile; False (default) specialises on shapes.
+        max_variants: refuse schedules that need more compiled variants than this.
+    """
+
+    enabled: bool = False
+    backend: str | Callable = "inductor"
+    mode: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    dynamic: bool | None = False
+    max_variants: int = DEFAULT_MAX_VARIANTS
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"compile mode must be one of {MODES}; got {self.mode!r}.")
+        if self.mode is not None and self.options:
+            raise ValueError(
+                "torch.compile takes either mode or options, not both; got "
+                f"mode={self.mode!r} and options={dict(self.options)}. Drop one of them."
+            )
+        if self.options and self.backend == "inductor":
+            known = set(torch._inductor.list_options())
+            unknown = sorted(set(self.options) - known)
+            if unknown:
+                raise ValueError(
+                    f"compile options {unknown} are not inductor options; see "
+                    "torch._inductor.list_options() for the valid names."
+                )
+        if not isinstance(self.max_variants, int) or self.max_variants < 1:
+            raise ValueError(f"max_variants must be a positive int; got {self.max_variants!r}.")
+
+    def compile(self, graph_module: torch.fx.GraphModule, device: torch.device) -> Callable:
+        """Compile one variant for tensors on `device`."""
+        mode = self.mode
+        if mode == "reduce-overhead" and device.type != "cuda":
+            warnings.warn(
+                f"compile mode 'reduce-overhead' uses CUDA graphs, but this variant runs on {device}; "
+                "compiling it with the default mode instead.",
+                stacklevel=2,
+            )
+            mode = None
+        return torch.compile(
+            graph_module,
+            fullgraph=True,
+            backend=self.backend,
+            mode=mode,
+            options=dict(self.options) or None,
+            dynamic=self.dynamic,
+        )
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.enabled and self.mode == "reduce-overhead"
