@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from smoothcache_fx.runtime import SmoothCacheRuntime
 
 CACHE_BUFFER_PREFIX = "smoothcache_cache_"
+_DISPATCH_NOT_TRACED = (
+    "smoothcache_fx chooses each block's variant in Python from the step clock; tracing it would "
+    "recompile at every step. Blocks run outside your torch.compile graph (a graph break each). For "
+    "compiled, cached blocks use smoothcache_fx.transform(model, schedule, compile=True)."
+)
 
 
 @dataclass
@@ -91,7 +96,7 @@ class BlockState:
         self.last_call = None
 
     # -- dispatch -------------------------------------------------------------------------------
-    @torch.compiler.disable
+    @torch.compiler.disable(reason=_DISPATCH_NOT_TRACED)
     def run(self, block: torch.nn.Module, args: tuple, kwargs: dict):
         """Run one step of the block. Never traced: a user's torch.compile around the model breaks
         the graph here instead of guarding on the step (which would recompile every step)."""
