@@ -5,6 +5,6 @@ step-indexed choice between fresh compute and a persistent cache buffer.
 """
 
 from smoothcache_fx.schedules import Schedule
-from smoothcache_fx.transform import transform
+from smoothcache_fx.transform import transform, untransform
 
-__all__ = ["Schedule", "transform"]
+__all__ = ["Schedule", "transform", "untransform"]

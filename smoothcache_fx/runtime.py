@@ -69,6 +69,36 @@ class SmoothCacheRuntime:
         self._validated = False
         self.reset()
 
+    def branch_outputs(self) -> dict[str, list[torch.Tensor]]:
+        """Branch path -> its cache buffers (one per residual site), for scheduled branches.
+
+        After a model call these hold the branch outputs of the last step that computed them, so a
+        forward hook on the model sees every scheduled branch's output of the step just run
+        (calibration reads them this way under an all-compute schedule).
+        """
+        outputs: dict[str, list[torch.Tensor]] = {}
+        for path, block in self.blocks.items():
+            entry = block._smoothcache_state.current
+            if entry is None:
+                continue
+            for index, site in enumerate(entry.branches.sites):
+                if site.component in entry.masks:
+                    tensor = getattr(block, f"{CACHE_BUFFER_PREFIX}{index}")
+                    outputs.setdefault(f"{path}.{site.component}", []).append(tensor)
+        return outputs
+
+    def remove(self, model: torch.nn.Module) -> None:
+        """Undo the transform on `model`: original block classes, no hooks, no cache buffers."""
+        for hook in self._hooks:
+            hook.remove()
+        for block in self.blocks.values():
+            state = block._smoothcache_state
+            for name in [n for n in block._buffers if n.startswith(CACHE_BUFFER_PREFIX)]:
+                del block._buffers[name]
+            block.__class__ = state.original_class
+            del block._smoothcache_state
+        del model.smoothcache
+
     @property
     def branches(self) -> dict[str, tuple[str, ...]]:
         """Block path -> residual branch (component) names found; filled by the first model call."""

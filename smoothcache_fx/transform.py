@@ -98,6 +98,23 @@ def transform(
     return model
 
 
+def untransform(model):
+    """Modifies `model` in place (and returns it): removes what `transform` added.
+
+    Block classes, hooks and cache buffers are restored or removed; parameters were never touched.
+    A pipeline gets its original class back too.
+    """
+    if _is_pipeline(model):
+        untransform(model.transformer)
+        model.__class__ = next(k for k, v in _PIPELINE_CLASSES.items() if v is type(model))
+        return model
+    runtime = model.__dict__.get("smoothcache")
+    if runtime is None:
+        raise ValueError(f"{type(model).__name__} is not transformed by smoothcache_fx; nothing to undo.")
+    runtime.remove(model)
+    return model
+
+
 def _install(model, schedule: Schedule, found: dict, kernel: str, compile_config: CompileConfig) -> None:
     runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config)
     for path, block in found.items():

@@ -226,3 +226,18 @@ def test_blocks_outside_a_model_call_run_uncached():
         expected = models.DiTBlock.forward(block, x, c)
     assert torch.equal(direct, expected)
     assert isinstance(block, models.DiTBlock)
+
+
+def test_untransform_restores_the_original_model():
+    original = models.TinyDiT()
+    model = smoothcache_fx.transform(copy.deepcopy(original), Schedule.uniform(4, 2, ["attn"]))
+    run_steps(model, tiny_call, 2)
+    assert set(model.smoothcache.branch_outputs()) == {"blocks.0.attn", "blocks.1.attn"}
+    smoothcache_fx.untransform(model)
+    assert type(model.blocks[0]) is models.DiTBlock
+    assert not hasattr(model, "smoothcache")
+    assert not [name for name, _ in model.named_buffers()]
+    for want, have in zip(run_steps(original, tiny_call, 3), run_steps(model, tiny_call, 3), strict=True):
+        assert torch.equal(want, have)
+    with pytest.raises(ValueError, match="not transformed"):
+        smoothcache_fx.untransform(model)
