@@ -35,6 +35,7 @@ setup(
             "ruff>=0.6",
             "diffusers>=0.30",
             "dit-smoothcache==0.1.1",
+            "triton==3.7.1; platform_system == 'Linux'",  # what torch 2.13.0's CUDA wheel pins; no torch dep
         ],
     },
     entry_points={"console_scripts": ["smoothcache-fx=smoothcache_fx.cli:main"]},

@@ -1,0 +1,16 @@
+"""Test-session setup shared by every test module.
+
+Without a GPU, the Triton kernels run under the Triton interpreter (numpy, CPU tensors). `triton.jit`
+decides between interpreted and compiled when a kernel is defined, i.e. when
+`smoothcache_fx.kernels` is first imported, so TRITON_INTERPRET must be set before any test module
+imports it; pytest imports this file first. The interpreter only affects user-defined Triton
+kernels: torch.compile on CPU still uses Inductor's C++ backend. `setdefault` lets a run force
+either mode from the environment.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
