@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from smoothcache_fx.passes.branches import BlockBranches, find_residual_branches
 from smoothcache_fx.passes.capture import (
@@ -22,12 +22,14 @@ from smoothcache_fx.passes.capture import (
     capture_block,
     structure_key,
 )
+from smoothcache_fx.passes.conditional import ConditionalBlock, make_conditional
 from smoothcache_fx.passes.specialise import SpecialisedBlock, specialise_block
 
 if TYPE_CHECKING:
     from smoothcache_fx.runtime import SmoothCacheRuntime
 
 CACHE_BUFFER_PREFIX = "smoothcache_cache_"
+SCHEDULE_BUFFER = "smoothcache_schedule"
 _DISPATCH_NOT_TRACED = (
     "smoothcache_fx chooses each block's variant in Python from the step clock; tracing it would "
     "recompile at every step. Blocks run outside your torch.compile graph (a graph break each). For "
@@ -46,6 +48,15 @@ class SharedCapture:
     compiled: dict[tuple[tuple[str, bool], ...], Callable] = field(default_factory=dict)
     calls: dict[tuple[tuple[str, bool], ...], int] = field(default_factory=dict)
     blocks: list[str] = field(default_factory=list)
+    conditionals: dict[tuple[str, ...], ConditionalBlock] = field(default_factory=dict)
+
+    def conditional(self, components: tuple[str, ...]) -> ConditionalBlock:
+        """The single-graph (`torch.cond`) form for a set of scheduled components, built once."""
+        found = self.conditionals.get(components)
+        if found is None:
+            found = make_conditional(self.captured.graph_module, self.branches, components)
+            self.conditionals[components] = found
+        return found
 
 
 @dataclass
@@ -125,6 +136,39 @@ class BlockState:
             counter[name] = counter.get(name, 0) + 1
         return tree_unflatten(list(flat), entry.captured.out_spec)
 
+    def run_graph_form(self, block: torch.nn.Module, args: tuple, kwargs: dict):
+        """One step in the single-graph form: the step is a tensor, each component a `torch.cond`.
+
+        Traceable by dynamo and torch.export: nothing here reads the Python step clock. The first
+        call must be eager (it captures the block).
+        """
+        runtime = self.runtime
+        # Contiguous activations: inductor may re-lay-out a buffer feeding a cond branch, which was
+        # compiled for the strides seen while tracing (a transposed patch embedding, say).
+        args, kwargs = tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
+        leaves = tree_flatten((args, kwargs))[0]
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        if torch.compiler.is_compiling():
+            entry = self.current
+            if entry is None:
+                raise RuntimeError(
+                    f"block {self.path!r} has not been captured yet: run the transformed model once "
+                    "eagerly (one step) before torch.export or torch.compile of the whole model."
+                )
+        else:
+            if not runtime.in_model_call:
+                return self.original_class.forward(block, *args, **kwargs)
+            _check_grad_mode(block, self.path)
+            signature, tensors = call_signature(args, kwargs)
+            entry = self._entry_for(block, signature, args, kwargs)
+        conditional = entry.shared.conditional(tuple(entry.masks))
+        table = getattr(block, SCHEDULE_BUFFER)
+        flags = table.index_select(0, runtime.step_tensor()).squeeze(0)
+        caches = [getattr(block, f"{CACHE_BUFFER_PREFIX}{index}") for index in conditional.cache_indices]
+        state = [_state_tensor(block, name) for name in entry.captured.state_names]
+        flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *caches)
+        return tree_unflatten(list(flat), entry.captured.out_spec)
+
     def _entry_for(self, block, signature: CallSignature, args, kwargs) -> _Capture:
         current = self.current
         if current is not None and current.captured.signature == signature:
@@ -144,6 +188,8 @@ class BlockState:
         self.current = entry
         self.written.clear()
         _allocate_caches(block, entry, static=self.runtime.compile_config.uses_cuda_graphs)
+        if self.runtime.form == "graph":
+            _register_schedule_table(block, entry, self.runtime.schedule.steps)
         return entry
 
     def _capture(self, block, args, kwargs) -> _Capture:
@@ -234,6 +280,14 @@ def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = Fal
             if static:  # CUDA graphs read and write the buffer in place instead of copying it
                 torch._dynamo.mark_static_address(buffer, guard=False)
             block.register_buffer(name, buffer, persistent=False)
+
+
+def _register_schedule_table(block: torch.nn.Module, entry: _Capture, steps: int) -> None:
+    """Bool buffer [steps, scheduled components] that the graph form indexes with the step tensor."""
+    columns = [entry.masks[name] for name in entry.masks] or [(True,) * steps]
+    device = entry.captured.signature.tensors[0][2] if entry.captured.signature.tensors else None
+    table = torch.tensor(columns, dtype=torch.bool, device=device).T.contiguous()
+    block.register_buffer(SCHEDULE_BUFFER, table, persistent=False)
 
 
 def _check_grad_mode(block: torch.nn.Module, path: str) -> None:

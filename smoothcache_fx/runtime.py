@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothcache_fx.block import CACHE_BUFFER_PREFIX, BlockState
+from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState
 from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.schedules import Schedule
 
@@ -31,7 +31,10 @@ class SmoothCacheRuntime:
         blocks: dict,
         kernel: str,
         compile_config: CompileConfig | None = None,
+        form: str = "variants",
     ):
+        self.model = model
+        self.form = form
         self.model_class = type(model).__name__
         self.schedule = schedule
         self.kernel = kernel
@@ -53,6 +56,8 @@ class SmoothCacheRuntime:
     def reset(self) -> None:
         """Start a new generation at step 0 on the next call; caches are overwritten, not freed."""
         self.step = 0
+        if self.form == "graph":
+            self.step_tensor().zero_()
         self.in_model_call = False
         for state in self._states():
             state.reset()
@@ -87,13 +92,20 @@ class SmoothCacheRuntime:
                     outputs.setdefault(f"{path}.{site.component}", []).append(tensor)
         return outputs
 
+    def step_tensor(self) -> torch.Tensor:
+        """The graph form's step: an int64 buffer [1] on the model, advanced inside its forward."""
+        return self.model.smoothcache_step
+
     def remove(self, model: torch.nn.Module) -> None:
         """Undo the transform on `model`: original block classes, no hooks, no cache buffers."""
         for hook in self._hooks:
             hook.remove()
+        if self.form == "graph":
+            del model._buffers["smoothcache_step"]
+            model.__class__ = type(model).__mro__[1]
         for block in self.blocks.values():
             state = block._smoothcache_state
-            for name in [n for n in block._buffers if n.startswith(CACHE_BUFFER_PREFIX)]:
+            for name in [n for n in block._buffers if n.startswith((CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER))]:
                 del block._buffers[name]
             block.__class__ = state.original_class
             del block._smoothcache_state
@@ -157,6 +169,8 @@ class SmoothCacheRuntime:
 
     # -- clock ----------------------------------------------------------------------------------
     def _before_model_call(self, module, args) -> None:
+        if self.form == "graph" and torch.compiler.is_compiling():
+            return  # the traced graph keeps its own step; the Python clock is for eager runs
         if self.in_model_call:  # the previous call raised half way: its generation is void
             self.reset()
         if self.pipeline_calls is not None:
@@ -178,6 +192,8 @@ class SmoothCacheRuntime:
         self.in_model_call = True
 
     def _after_model_call(self, module, args, output) -> None:
+        if self.form == "graph" and torch.compiler.is_compiling():
+            return
         self.in_model_call = False
         if not self._validated:
             self._validate_branches()

@@ -15,6 +15,8 @@ from smoothcache_fx.schedules import Schedule
 
 _BLOCK_CLASSES: dict[type, type] = {}
 _PIPELINE_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+FORMS = ("variants", "graph")
 
 
 def transform(
@@ -29,6 +31,7 @@ def transform(
     options: dict | None = None,
     dynamic: bool | None = False,
     max_variants: int = DEFAULT_MAX_VARIANTS,
+    form: str = "variants",
 ):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
@@ -52,6 +55,10 @@ def transform(
         backend, mode, options, dynamic: passed to torch.compile. mode="reduce-overhead" (CUDA
             graphs) needs CUDA; on CPU it warns and compiles with the default mode.
         max_variants: with compile=True, refuse schedules needing more compiled variants than this.
+        form: "variants" (default) picks a specialised graph per step in Python; "graph" keeps one
+            graph for every step (the step is a buffer advanced inside forward, the schedule a bool
+            buffer, each component a `torch.cond`), for torch.export / AOTInductor and for
+            `torch.compile(model, fullgraph=True)` of the whole model. Run one eager call first.
 
     Returns:
         The same object, transformed.
@@ -72,6 +79,13 @@ def transform(
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}.")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}.")
+    if form == "graph" and compile:
+        raise ValueError(
+            "form='graph' is compiled as one whole-model graph: call torch.compile(model, "
+            "fullgraph=True) on the transformed model instead of passing compile=True."
+        )
     schedule = as_schedule(schedule)
     compile_config = CompileConfig(
         enabled=bool(compile),
@@ -82,7 +96,7 @@ def transform(
         max_variants=max_variants,
     )
     if _is_pipeline(model):
-        _transform_pipeline(model, schedule, blocks, kernel, compile_config)
+        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form)
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -94,7 +108,7 @@ def transform(
             f"{type(model).__name__} is already transformed by smoothcache_fx. To change the schedule "
             "call model.smoothcache.set_schedule(schedule) instead of transforming it again."
         )
-    _install(model, schedule, find_blocks(model, blocks), kernel, compile_config)
+    _install(model, schedule, find_blocks(model, blocks), kernel, compile_config, form)
     return model
 
 
@@ -115,12 +129,17 @@ def untransform(model):
     return model
 
 
-def _install(model, schedule: Schedule, found: dict, kernel: str, compile_config: CompileConfig) -> None:
-    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config)
+def _install(
+    model, schedule: Schedule, found: dict, kernel: str, compile_config: CompileConfig, form: str
+) -> None:
+    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form)
     for path, block in found.items():
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
-        block.__class__ = _block_class(original)
+        block.__class__ = _block_class(original, form)
+    if form == "graph":
+        model.register_buffer("smoothcache_step", torch.zeros(1, dtype=torch.long), persistent=False)
+        model.__class__ = _stepping_model_class(type(model))
     model.smoothcache = runtime
 
 
@@ -186,17 +205,39 @@ def _inside(path: str, found: Mapping[str, torch.nn.Module]) -> bool:
     return any(path.startswith(prefix + ".") for prefix in found)
 
 
-def _block_class(original: type) -> type:
+def _block_class(original: type, form: str) -> type:
     """A subclass of the block's class whose forward dispatches to its BlockState."""
-    cls = _BLOCK_CLASSES.get(original)
+    cls = _BLOCK_CLASSES.get((original, form))
     if cls is None:
+        if form == "graph":
 
-        def forward(self, *args, **kwargs):
-            return self._smoothcache_state.run(self, args, kwargs)
+            def forward(self, *args, **kwargs):
+                return self._smoothcache_state.run_graph_form(self, args, kwargs)
+        else:
+
+            def forward(self, *args, **kwargs):
+                return self._smoothcache_state.run(self, args, kwargs)
 
         cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
-        _BLOCK_CLASSES[original] = cls
+        _BLOCK_CLASSES[(original, form)] = cls
+    return cls
+
+
+def _stepping_model_class(original: type) -> type:
+    """Graph form: a subclass of the model whose forward advances the step buffer in the graph."""
+    cls = _MODEL_CLASSES.get(original)
+    if cls is None:
+
+        def forward(self, *args, **kwargs):
+            output = original.forward(self, *args, **kwargs)
+            step = self.smoothcache_step
+            step.copy_(torch.remainder(step + 1, self.smoothcache.schedule.steps))
+            return output
+
+        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+        cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
+        _MODEL_CLASSES[original] = cls
     return cls
 
 
@@ -207,14 +248,16 @@ def _is_pipeline(obj) -> bool:
     )
 
 
-def _transform_pipeline(pipe, schedule: Schedule, blocks, kernel: str, compile_config: CompileConfig) -> None:
+def _transform_pipeline(
+    pipe, schedule: Schedule, blocks, kernel: str, compile_config: CompileConfig, form: str
+) -> None:
     if "smoothcache" in pipe.transformer.__dict__:
         raise RuntimeError(
             "this pipeline's transformer is already transformed by smoothcache_fx. To change the "
             "schedule call pipe.transformer.smoothcache.set_schedule(schedule)."
         )
     found = find_blocks(pipe.transformer, blocks)
-    _install(pipe.transformer, schedule, found, kernel, compile_config)
+    _install(pipe.transformer, schedule, found, kernel, compile_config, form)
     pipe.__class__ = _pipeline_class(type(pipe))
 
 

@@ -1,0 +1,198 @@
+"""The single-graph form: every scheduled component becomes a `torch.cond` on a flag input.
+
+For deployment through torch.export / AOTInductor, where no Python can pick a variant per step,
+each scheduled component's exclusive work (what dead-code elimination would remove when it is
+reused) moves into the true branch of a `cond`; the false branch returns a copy of the cache.
+The fused `gated_residual_add` stays outside the `cond` (a mutating op cannot sit inside one) and
+writes the chosen value back into the cache every step, so the cache always holds the branch value
+the block used.
+
+The rewritten graph takes the captured graph's inputs, then `flags` (a bool tensor with one entry
+per scheduled component, in `ConditionalBlock.components` order), then one cache per site.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+import smoothcache_fx.kernels  # noqa: F401  (registers torch.ops.smoothcache_fx.gated_residual_add)
+from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
+
+GATED_RESIDUAL_ADD = torch.ops.smoothcache_fx.gated_residual_add.default
+COND = torch.ops.higher_order.cond
+
+
+@dataclass(frozen=True)
+class ConditionalBlock:
+    """A block graph whose scheduled components compute or reuse according to a flags input."""
+
+    graph_module: GraphModule
+    components: tuple[str, ...]
+    cache_sites: tuple[ResidualSite, ...]
+    cache_indices: tuple[int, ...]  # position of each cache site in BlockBranches.sites
+    rewritten: int
+
+
+def make_conditional(graph_module: GraphModule, branches: BlockBranches, components) -> ConditionalBlock:
+    """Return a new GraphModule with one `cond` per component in `components`; the input is kept."""
+    components = tuple(c for c in branches.components if c in set(components))
+    graph = Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    root = torch.nn.Module()
+    nodes = {node.name: node for node in graph.nodes}
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    cache_sites = tuple(site for site in branches.sites if site.component in components)
+
+    with graph.inserting_after(placeholders[-1]):
+        caches = []
+        anchor = graph.placeholder("flags")
+        anchor.meta["val"] = torch.empty(len(components), dtype=torch.bool)
+        flags = anchor
+        for site in cache_sites:
+            with graph.inserting_after(anchor):
+                cache = graph.placeholder(f"cache_{site.component}_{len(caches)}")
+            cache.meta["val"] = nodes[site.branch].meta["val"]
+            caches.append(cache)
+            anchor = cache
+
+    for index, component in enumerate(components):
+        sites = [s for s in cache_sites if s.component == component]
+        site_caches = [caches[cache_sites.index(s)] for s in sites]
+        chosen = _wrap_in_cond(graph, root, nodes, flags, index, component, sites, site_caches)
+        for site, cache, value in zip(sites, site_caches, chosen, strict=True):
+            _fuse(graph, nodes, site, value, cache)
+
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
+    gm = GraphModule(root, graph, class_name="ConditionalBlock")
+    gm.graph.lint()
+    gm.recompile()
+    indices = tuple(branches.sites.index(site) for site in cache_sites)
+    return ConditionalBlock(gm, components, cache_sites, indices, len(cache_sites))
+
+
+def exclusive_nodes(graph: Graph, outputs: list[Node]) -> list[Node]:
+    """Nodes that only `outputs` need: ancestors of `outputs` not reachable from the graph output
+    without passing through one of them. This is exactly what a reuse variant's DCE removes."""
+    stop = set(outputs)
+    live: set[Node] = set()
+    stack = [node for node in graph.nodes if node.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in live or node in stop:
+            continue
+        live.add(node)
+        stack.extend(node.all_input_nodes)
+    needed: set[Node] = set()
+    stack = list(outputs)
+    while stack:
+        node = stack.pop()
+        if node in needed or node in live or node.op == "placeholder":
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    return [node for node in graph.nodes if node in needed]
+
+
+def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches) -> list[Node]:
+    outputs = [nodes[site.branch] for site in sites]
+    # A getitem of a multi-output node outside the body stays outside: cond operands are tensors.
+    exclusive = exclusive_nodes(graph, outputs)
+    exclusive_set = set(exclusive)
+    body = [n for n in exclusive if not (n.target is operator.getitem and n.args[0] not in exclusive_set)]
+    body_set = set(body)
+    operands = list(dict.fromkeys(n for node in body for n in node.all_input_nodes if n not in body_set))
+    true_gm = _subgraph(body, operands, outputs, caches)
+    false_gm = _cache_copy(operands, caches)
+    root.register_module(f"{component}_compute", true_gm)
+    root.register_module(f"{component}_reuse", false_gm)
+
+    first_user = min((user for out in outputs for user in out.users), key=_position(graph))
+    with graph.inserting_before(first_user):
+        operands = [_unaliased(graph, node) for node in operands]
+        pred = graph.call_function(torch.ops.aten.select.int, (flags, 0, index))
+        pred.meta["val"] = torch.empty((), dtype=torch.bool)
+        true_attr = graph.get_attr(f"{component}_compute")
+        false_attr = graph.get_attr(f"{component}_reuse")
+        result = graph.call_function(COND, (pred, true_attr, false_attr, (*operands, *caches)))
+        result.meta["val"] = tuple(out.meta["val"] for out in outputs)
+        chosen = []
+        for position, out in enumerate(outputs):
+            item = graph.call_function(operator.getitem, (result, position))
+            item.meta = copy.copy(out.meta)
+            chosen.append(item)
+    for out, item in zip(outputs, chosen, strict=True):
+        out.replace_all_uses_with(item)
+    for node in reversed(body):
+        graph.erase_node(node)
+    return chosen
+
+
+def _unaliased(graph: Graph, node: Node) -> Node:
+    """Operands of a cond must not alias each other; views (split chunks of one modulation
+    vector, unsqueezes) are cloned, which costs a copy of a small tensor."""
+    target = node.target
+    is_view = target is operator.getitem or (
+        isinstance(target, torch._ops.OpOverload)
+        and any(r.alias_info is not None for r in target._schema.returns)
+    )
+    value = node.meta.get("val")
+    # Inductor compiles a cond branch for the operand strides seen while tracing but may hand it a
+    # relaid-out tensor (seen: a transposed patch embedding arriving contiguous), so operands that
+    # are not contiguous get a contiguous copy.
+    strided = isinstance(value, torch.Tensor) and not value.is_contiguous()
+    if not (is_view or strided):
+        return node
+    clone = graph.call_function(
+        torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format}
+    )
+    clone.meta = copy.copy(node.meta)
+    return clone
+
+
+def _position(graph: Graph):
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _subgraph(body: list[Node], operands: list[Node], outputs: list[Node], caches: list[Node]) -> GraphModule:
+    """The compute branch: the component's exclusive nodes, fed by the operands (caches unused)."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    for node in [*operands, *caches]:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = copy.copy(node.meta)
+    for node in body:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(tuple(env[out] for out in outputs))
+    return GraphModule(torch.nn.Module(), graph)
+
+
+def _cache_copy(operands: list[Node], caches: list[Node]) -> GraphModule:
+    """The reuse branch: copies of the caches (a cond branch must not return its inputs)."""
+    graph = Graph()
+    for node in operands:
+        graph.placeholder(node.name)
+    outs = []
+    for cache in caches:
+        placeholder = graph.placeholder(cache.name)
+        outs.append(graph.call_function(torch.ops.aten.clone.default, (placeholder,)))
+    graph.output(tuple(outs))
+    return GraphModule(torch.nn.Module(), graph)
+
+
+def _fuse(graph: Graph, nodes: dict, site: ResidualSite, value: Node, cache: Node) -> None:
+    add = nodes[site.add]
+    gate = None if site.gate is None else nodes[site.gate]
+    with graph.inserting_before(add):
+        fused = graph.call_function(GATED_RESIDUAL_ADD, (nodes[site.residual], value, gate, cache))
+    fused.meta = copy.copy(add.meta)
+    add.replace_all_uses_with(fused)
+    graph.erase_node(add)
+    nodes[site.add] = fused
+    if site.mul is not None and not nodes[site.mul].users:
+        graph.erase_node(nodes[site.mul])
