@@ -241,3 +241,12 @@ def test_untransform_restores_the_original_model():
         assert torch.equal(want, have)
     with pytest.raises(ValueError, match="not transformed"):
         smoothcache_fx.untransform(model)
+
+
+def test_transform_docstring_example_runs():
+    import doctest
+    import sys
+
+    module = sys.modules["smoothcache_fx.transform"]  # the package attribute is the function
+    result = doctest.testmod(module, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
