@@ -124,3 +124,31 @@ def test_too_many_variants_names_the_count_and_the_fallback():
     model = smoothcache_fx.transform(models.diffusers_dit(), per_block, compile=True, max_variants=3)
     with pytest.raises(ValueError, match=r"needs 4 compiled variants.*max_variants=3.*compile=False"):
         run_steps(model, dit_call, 1)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_compiled_variants_match_eager(mode, monkeypatch):
+    """On CUDA the fused op is the Triton kernel; with CUDA graphs the static cache buffers are
+    written in place by the replayed graphs, generation after generation."""
+    original = models.TinyDiT(depth=3).cuda()
+    eager = smoothcache_fx.transform(copy.deepcopy(original), _schedule())
+    compiled = smoothcache_fx.transform(copy.deepcopy(original), _schedule(), compile=True, mode=mode)
+
+    def call(model, step, batch=2):
+        x, y = models.tiny_dit_inputs(batch)
+        return model(x.cuda(), torch.full((batch,), 50 * step + 1, device="cuda"), y.cuda()).clone()
+
+    expected = run_steps(eager, call, STEPS)
+    run_steps(compiled, call, STEPS)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for _ in range(2):
+        got = run_steps(compiled, call, STEPS)
+        for want, have in zip(expected, got, strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+    pointers = [b.data_ptr() for n, b in compiled.named_buffers() if "smoothcache_cache_" in n]
+    run_steps(compiled, call, STEPS)
+    assert pointers == [b.data_ptr() for n, b in compiled.named_buffers() if "smoothcache_cache_" in n]
