@@ -65,6 +65,7 @@ class _Capture:
 
     shared: SharedCapture
     masks: dict[str, tuple[bool, ...]]
+    state_owners: tuple[tuple[dict, str], ...] = ()
 
     @property
     def captured(self) -> CapturedBlock:
@@ -127,8 +128,10 @@ class BlockState:
         self.last_call = call_id
         compute = {name: mask[runtime.step] for name, mask in entry.masks.items()}
         variant, run_graph = self._variant(entry, compute, tensors)
+        if runtime.annotator is not None:  # only inside smoothcache_fx.profile(): ranges per branch
+            run_graph = runtime.annotator(self.path, entry.shared, variant, tensors)
         caches = self._caches(block, variant)
-        state = [_state_tensor(block, name) for name in entry.captured.state_names]
+        state = [table[name] for table, name in entry.state_owners]
         flat = run_graph(*state, *entry.captured.constants, *tensors, *caches)
         for name in entry.branches.components:
             on = compute.get(name, True)  # unscheduled branches always compute
@@ -165,7 +168,7 @@ class BlockState:
         table = getattr(block, SCHEDULE_BUFFER)
         flags = table.index_select(0, runtime.step_tensor()).squeeze(0)
         caches = [getattr(block, f"{CACHE_BUFFER_PREFIX}{index}") for index in conditional.cache_indices]
-        state = [_state_tensor(block, name) for name in entry.captured.state_names]
+        state = [table[name] for table, name in entry.state_owners]
         flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *caches)
         return tree_unflatten(list(flat), entry.captured.out_spec)
 
@@ -209,7 +212,7 @@ class BlockState:
             mask = schedule.mask_for(f"{self.path}.{component}")
             if mask is not None:
                 masks[component] = tuple(bool(v) for v in mask)
-        return _Capture(shared, masks)
+        return _Capture(shared, masks, _state_owners(block, shared.captured.state_names))
 
     def _variant(
         self, entry: _Capture, compute: dict[str, bool], tensors
@@ -251,10 +254,16 @@ class BlockState:
         return caches
 
 
-def _state_tensor(block: torch.nn.Module, path: str) -> torch.Tensor:
-    owner, _, name = path.rpartition(".")
-    module = block.get_submodule(owner) if owner else block
-    return getattr(module, name)
+def _state_owners(block: torch.nn.Module, names: tuple[str, ...]) -> tuple[tuple[dict, str], ...]:
+    """(owning module's _parameters or _buffers dict, key) per lifted state path: resolved once,
+    read with a dict lookup per call (get_submodule per parameter per call cost ~40 us each, and
+    nn.Module.__getattr__ ~10 us). Reassigning a parameter updates the same dict, so it is seen."""
+    owners = []
+    for path in names:
+        owner, _, name = path.rpartition(".")
+        module = block.get_submodule(owner) if owner else block
+        owners.append((module._parameters if name in module._parameters else module._buffers, name))
+    return tuple(owners)
 
 
 def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = False) -> None:
