@@ -209,6 +209,58 @@ class Schedule:
         mask = [int(i % interval == 0) for i in range(steps)]
         return cls(steps, {key: mask for key in keys}, {"generator": "uniform", "interval": interval})
 
+    @classmethod
+    def from_errors(cls, errors, alpha: float, per_block: bool = False, steps: int | None = None) -> Schedule:
+        """The SmoothCache schedule: reuse wherever the calibrated error stays within ``alpha``.
+
+        Scans each component's block-averaged e_k curves (or each branch's with
+        ``per_block=True``) from step 0, taking the largest lag k <= lookahead with
+        e_k[i] <= alpha; the first and last steps always compute. ``steps`` derives a schedule
+        for another step count by resampling the errors over normalised time. See
+        ``smoothcache_fx.schedules.from_errors`` for the exact rule.
+
+        Args:
+            errors: ``CalibrationErrors`` from ``smoothcache_fx.calibrate`` (or a path to its JSON).
+            alpha: error budget >= 0; larger reuses more.
+            per_block: one mask per block and component instead of one per component.
+            steps: schedule length; default the calibrated one.
+
+        Example::
+
+            errors = smoothcache_fx.calibrate(pipe, lambda: pipe(class_labels=[207], num_inference_steps=50))
+            schedule = Schedule.from_errors(errors, alpha=0.18)
+        """
+        from .from_errors import schedule_from_errors
+
+        return schedule_from_errors(errors, alpha, per_block=per_block, steps=steps)
+
+    @classmethod
+    def for_speedup(
+        cls, errors, target: float, per_block: bool = False, steps: int | None = None
+    ) -> Schedule:
+        """The :meth:`from_errors` schedule with the smallest alpha whose FLOP-derived ideal speed-up
+        reaches ``target``; metadata records ``alpha`` and the ``ideal_speedup`` reached.
+
+        Raises ValueError, naming the maximum reachable speed-up, when no alpha reaches it.
+
+        Example::
+
+            schedule = Schedule.for_speedup(errors, target=1.8)
+        """
+        from .from_errors import schedule_for_speedup
+
+        return schedule_for_speedup(errors, target, per_block=per_block, steps=steps)
+
+    def plot(self, path: str | os.PathLike[str], branches: Mapping[str, Sequence[str]] | None = None) -> Path:
+        """Heatmap of computed (dark) vs reused steps to a PNG; one row per key, or per branch when
+        ``branches`` (block path -> components, e.g. ``model.smoothcache.branches``) is given.
+
+        Needs matplotlib: ``pip install smoothcache-fx[plot]``.
+        """
+        from smoothcache_fx.plots import plot_schedule  # leaf module: matplotlib only, no runtime
+
+        return plot_schedule(self, path, branches=branches)
+
     # ------------------------------------------------------------------ I/O
 
     def to_dict(self) -> dict[str, Any]:

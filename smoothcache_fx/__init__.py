@@ -4,7 +4,9 @@
 step-indexed choice between fresh compute and a persistent cache buffer.
 """
 
+from smoothcache_fx.calibrate import CalibrationErrors, calibrate
+from smoothcache_fx.profile import profile
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.transform import transform, untransform
 
-__all__ = ["Schedule", "transform", "untransform"]
+__all__ = ["CalibrationErrors", "Schedule", "calibrate", "profile", "transform", "untransform"]

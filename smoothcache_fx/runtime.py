@@ -46,6 +46,8 @@ class SmoothCacheRuntime:
         self.generation = 0
         self.in_model_call = False
         self.pipeline_calls: int | None = None
+        # Set by smoothcache_fx.profile() only: returns each block's variant with profiler ranges.
+        self.annotator = None
         self._validated = False
         self._hooks = [
             model.register_forward_pre_hook(self._before_model_call),

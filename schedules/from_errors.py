@@ -1,0 +1,216 @@
+"""Schedules from calibration errors: the SmoothCache scan, and a search for a target speed-up.
+
+The scan (arXiv 2411.10510; the published `dit-smoothcache` package does not ship its calibration
+module, so this description is the reference). With e_k[i] = |L_i - L_(i+k)|_1 / |L_(i+k)|_1:
+
+    i = 0
+    while i < steps:
+        for k = lookahead .. 1 (largest first):
+            if i + k < steps and e_k[i] <= alpha: compute at i, reuse at i+1..i+k, i = i+k+1; next i
+        otherwise: compute at i, i = i+1
+    the first and the last step always compute.
+
+Per component, e_k is averaged over the blocks first (one mask per component, as in the paper);
+`per_block=True` scans every branch on its own curves.
+
+Speed-up search: the scan's compute count is piecewise constant in alpha, changing only at the
+error values, but it is not monotone (a larger alpha can take a long jump that lands where nothing
+fits). So instead of bisection every distinct error value is evaluated, per key on its own values,
+which is exact and cheap (keys x values x steps); the smallest alpha reaching the target is kept,
+which makes the chosen alpha and the reached speed-up non-decreasing in the target.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import CalibrationErrors
+from .schedule import Schedule
+
+
+def smoothcache_mask(curves: Sequence[Sequence[float]], alpha: float, steps: int) -> tuple[int, ...]:
+    """The SmoothCache scan for one key: 1 = compute, 0 = reuse.
+
+    Args:
+        curves: e_1 .. e_lookahead; curve k has (at least) steps - k values, e_k[i] comparing
+            step i with step i + k.
+        alpha: the error budget; e_k[i] <= alpha allows reusing step i's output through step i+k.
+        steps: schedule length.
+
+    Example::
+
+        >>> smoothcache_mask([[0.1, 0.1, 0.1], [0.2, 0.3]], alpha=0.2, steps=4)
+        (1, 0, 0, 1)
+    """
+    mask = [0] * steps
+    i = 0
+    while i < steps:
+        mask[i] = 1
+        for k in range(len(curves), 0, -1):
+            if i + k < steps and curves[k - 1][i] <= alpha:
+                i += k + 1
+                break
+        else:
+            i += 1
+    mask[0] = mask[-1] = 1
+    return tuple(mask)
+
+
+def schedule_from_errors(
+    errors: CalibrationErrors | str | os.PathLike[str] | Mapping[str, Any],
+    alpha: float,
+    per_block: bool = False,
+    steps: int | None = None,
+) -> Schedule:
+    """The SmoothCache schedule for `errors` at threshold `alpha` (see the module docstring).
+
+    Args:
+        errors: `CalibrationErrors` (or a path to / dict of its JSON).
+        alpha: error budget, >= 0; larger reuses more.
+        per_block: one mask per branch (keys ``component-blockindex``, or full paths when block
+            indices are ambiguous) instead of one per component averaged over blocks.
+        steps: schedule length; default the calibrated step count. Another count resamples the
+            errors over normalised time first (`CalibrationErrors.resampled`).
+    """
+    errors = _as_errors(errors)
+    alpha = _check_alpha(alpha)
+    if steps is not None:
+        errors = errors.resampled(steps)
+    masks = {
+        key: smoothcache_mask(curves, alpha, errors.steps)
+        for key, (curves, _) in _keyed(errors, per_block).items()
+    }
+    schedule = Schedule(errors.steps, masks, _metadata(errors, "from_errors", per_block, alpha=alpha))
+    if errors.total_flops:
+        schedule = schedule.with_metadata(ideal_speedup=errors.ideal_speedup(schedule))
+    return schedule
+
+
+def schedule_for_speedup(
+    errors: CalibrationErrors | str | os.PathLike[str] | Mapping[str, Any],
+    target: float,
+    per_block: bool = False,
+    steps: int | None = None,
+) -> Schedule:
+    """The SmoothCache schedule with the smallest alpha whose ideal speed-up reaches `target`.
+
+    The ideal speed-up is FLOP-derived (`CalibrationErrors.ideal_speedup`): total FLOPs of a
+    generation uncached over cached, from the per-branch FLOPs measured by calibrate. The result's
+    metadata holds `alpha`, `target` and the `ideal_speedup` reached.
+
+    Raises:
+        ValueError: when no alpha reaches `target`; the message gives the maximum reachable.
+    """
+    errors = _as_errors(errors)
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not target >= 1:
+        raise ValueError(
+            f"target must be a speed-up >= 1 (uncached FLOPs / cached FLOPs); got {target!r}. "
+            "Pass e.g. target=1.8."
+        )
+    if steps is not None:
+        errors = errors.resampled(steps)
+    if errors.total_flops == 0:
+        raise ValueError(
+            "for_speedup needs FLOP counts, and these errors have none (total_flops=0); "
+            "smoothcache_fx.calibrate measures them."
+        )
+    keyed = _keyed(errors, per_block)
+    candidates = np.unique(np.concatenate([[0.0], *(np.concatenate(c) for c, _ in keyed.values())]))
+    candidates = candidates[np.isfinite(candidates)]
+    cached = np.full(len(candidates), errors.steps * errors.remainder_flops, dtype=object)
+    for curves, flops in keyed.values():
+        cached += flops * _compute_counts(curves, errors.steps, candidates)
+    uncached = errors.steps * errors.total_flops
+    speedups = [uncached / int(c) for c in cached]  # int / int: the same float ideal_speedup gives
+    reached = [index for index, speedup in enumerate(speedups) if speedup >= target]
+    if not reached:
+        best = int(np.argmax(speedups))
+        raise ValueError(
+            f"target speed-up must be reachable by some alpha; got target={target}, but the maximum "
+            f"ideal speed-up for these errors is {speedups[best]:.4f} (at alpha={candidates[best]:.6g}, "
+            f"{errors.steps} steps, per_block={per_block}). Lower the target, use per_block=True, or "
+            "calibrate with a larger lookahead."
+        )
+    alpha = float(candidates[reached[0]])
+    schedule = schedule_from_errors(errors, alpha, per_block=per_block)
+    return schedule.with_metadata(generator="for_speedup", target=target)
+
+
+def _compute_counts(curves, steps: int, alphas: np.ndarray) -> np.ndarray:
+    """Computed steps of one key's mask at each alpha: the scan only changes at the key's own values."""
+    own = np.unique(np.concatenate([np.asarray(c, dtype=float) for c in curves] or [np.zeros(0)]))
+    counts = np.array([sum(smoothcache_mask(curves, float(a), steps)) for a in own], dtype=object)
+    below = sum(smoothcache_mask(curves, -1.0, steps))
+    index = np.searchsorted(own, alphas, side="right") - 1
+    return np.array([below if i < 0 else counts[i] for i in index], dtype=object)
+
+
+def _keyed(errors: CalibrationErrors, per_block: bool) -> dict[str, tuple[list, int]]:
+    """Schedule key -> (its e_k curves, FLOPs of one computation of everything the key covers)."""
+    if not per_block:
+        return {
+            component: (
+                [errors.curve(component, k).tolist() for k in range(1, errors.lookahead + 1)],
+                sum(errors.flops.get(path, 0) for path in errors.branches_of(component)),
+            )
+            for component in errors.components
+        }
+    return {
+        key: ([list(c) for c in errors.errors[path]], errors.flops.get(path, 0))
+        for key, path in _block_keys(errors.branches).items()
+    }
+
+
+def _block_keys(paths: Sequence[str]) -> dict[str, str]:
+    """Per-branch keys: ``component-blockindex`` (the SmoothCache style) when that names every
+    branch uniquely (blocks in one list), else the full branch paths."""
+    short = {}
+    for path in paths:
+        block, component = path.rsplit(".", 1)
+        index = block.rsplit(".", 1)[-1]
+        short[f"{component}-{index}" if index.isascii() and index.isdigit() else path] = path
+    return short if len(short) == len(paths) else {path: path for path in paths}
+
+
+def _metadata(errors: CalibrationErrors, generator: str, per_block: bool, **extra: Any) -> dict[str, Any]:
+    metadata = {
+        "generator": generator,
+        "model_class": errors.model_class,
+        "steps": errors.steps,
+        "calibrated_steps": errors.metadata.get("resampled_from_steps", errors.steps),
+        "lookahead": errors.lookahead,
+        "per_block": per_block,
+        "generations": errors.generations,
+        **extra,
+    }
+    if errors.metadata.get("solver"):
+        metadata["solver"] = errors.metadata["solver"]
+    return metadata
+
+
+def _as_errors(errors: Any) -> CalibrationErrors:
+    if isinstance(errors, CalibrationErrors):
+        return errors
+    if isinstance(errors, (str, os.PathLike, Mapping)):
+        return CalibrationErrors.load(errors)
+    raise TypeError(
+        f"errors must be CalibrationErrors (from smoothcache_fx.calibrate), or a path to its JSON; "
+        f"got {type(errors).__name__}."
+    )
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number; got {type(alpha).__name__} {alpha!r}.")
+    if math.isnan(alpha) or alpha < 0:
+        raise ValueError(
+            f"alpha must be >= 0 (the largest relative L1 error allowed for a reuse); got {alpha}. "
+            "The paper uses values such as 0.08 to 0.35."
+        )
+    return float(alpha)

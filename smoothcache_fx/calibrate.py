@@ -1,0 +1,492 @@
+"""`calibrate`: measure how much every residual branch's output changes from step to step.
+
+Three phases, all on the caller's own model object:
+
+1. First call. `run` is started on the untouched model and stopped after its first model call: that
+   call records each block's real arguments and, under `FlopCounterMode`, the FLOPs of the whole
+   call and of every direct child module of every block (the candidate branch modules).
+2. Branches. Each distinct block structure is captured once with the pass's own capture and
+   `find_residual_branches`, which names the components (no hand-written module lists).
+3. Record. The model is transformed with an all-compute schedule over those components, so after
+   each model call `model.smoothcache.branch_outputs()` holds every branch's output of that step;
+   a forward hook registered after the transform's reads them, keeps the last `lookahead` outputs
+   per branch in a ring buffer, and accumulates the relative L1 errors. The model is untransformed
+   at the end, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from smoothcache_fx.passes.branches import find_residual_branches
+from smoothcache_fx.passes.capture import call_signature, capture_block, structure_key
+from smoothcache_fx.schedules import Schedule
+from smoothcache_fx.schedules.errors import CalibrationErrors
+from smoothcache_fx.transform import _is_pipeline, find_blocks, transform, untransform
+
+__all__ = ["CalibrationErrors", "calibrate"]
+
+# Argument names read as the timestep when generations are delimited by the timestep rule.
+TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t")
+
+
+def calibrate(
+    model,
+    run: Callable[[], Any],
+    lookahead: int = 3,
+    components: Sequence[str] | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+    blocks=None,
+) -> CalibrationErrors:
+    """Leaves `model` as it was (transformed only while `run` runs): records branch output errors.
+
+    For every residual branch (block path + component) and lag k = 1..lookahead, records at each
+    step t the relative L1 error ``|L_t - L_(t-k)|_1 / |L_t|_1`` between the branch's output now
+    and k steps earlier, in float32 over the whole tensor (batch included), averaged over the
+    generations that `run` performs. Only the last `lookahead` outputs per branch are kept.
+
+    Where a generation starts:
+
+    * ``steps=N``: every N consecutive model calls are one generation;
+    * else, for a diffusers pipeline: each call of the pipeline is one generation (its step count
+      is however many times it called the model);
+    * else by the model's timestep argument (``timestep``, ``timesteps`` or ``t``): a call starts a
+      new generation when its timestep does not decrease from the previous call's. Samplers that
+      call the model twice at one timestep (unbatched guidance) need ``steps=``.
+
+    All generations must have the same number of model calls.
+
+    Args:
+        model: a DiT-style `torch.nn.Module`, or a diffusers pipeline with a `.transformer`. It must
+            not be transformed already (calibration installs its own all-compute schedule).
+        run: runs one or more whole generations, calling the model (e.g.
+            ``lambda: pipe(class_labels=[207, 360], num_inference_steps=50)``). Called twice: once
+            stopped after its first model call (branch discovery and FLOPs), once in full.
+        lookahead: largest lag k recorded (SmoothCache uses 3 for DiT).
+        components: record only these components (e.g. ``["attn1", "ff"]``); default every
+            residual branch the pass finds.
+        steps: model calls per generation, when neither a pipeline nor a timestep delimits them.
+        progress: show a progress bar (tqdm if installed, else a line on stderr).
+        blocks: which modules are transformer blocks, as for `transform`.
+
+    Returns:
+        `CalibrationErrors`, with the per-branch FLOPs that `Schedule.for_speedup` needs.
+
+    Example::
+
+        errors = smoothcache_fx.calibrate(pipe, lambda: pipe(class_labels=[207], num_inference_steps=50))
+        schedule = smoothcache_fx.Schedule.from_errors(errors, alpha=0.18)
+    """
+    _check_count("lookahead", lookahead, "the largest lag k to record, e.g. lookahead=3")
+    if steps is not None:
+        _check_count("steps", steps, "the number of model calls per generation")
+    if not callable(run):
+        raise TypeError(
+            f"run must be a callable that generates with the model, such as "
+            f"lambda: pipe(num_inference_steps=50); got {type(run).__name__}."
+        )
+    pipe = model if _is_pipeline(model) else None
+    net = pipe.transformer if pipe is not None else model
+    if not isinstance(net, torch.nn.Module):
+        raise TypeError(
+            f"calibrate expects a torch.nn.Module or a diffusers pipeline with a .transformer; "
+            f"got {type(model).__name__}."
+        )
+    if "smoothcache" in net.__dict__:
+        raise RuntimeError(
+            f"{type(net).__name__} is already transformed by smoothcache_fx; calibrate installs its own "
+            "all-compute schedule. Call smoothcache_fx.untransform(model) first (or calibrate an "
+            "untransformed copy), then transform it again with the schedule derived from the errors."
+        )
+    found = find_blocks(net, blocks)
+    first = _first_call(net, found, run)
+    rule = "steps" if steps is not None else "pipeline" if pipe is not None else "timestep"
+    if rule == "timestep" and first.timestep is None:
+        raise ValueError(
+            f"calibrate must know where each generation starts, but {type(net).__name__} was called "
+            f"without a timestep argument ({', '.join(TIMESTEP_ARGUMENTS)}) that it could read. Pass "
+            "steps=<model calls per generation>, or pass the diffusers pipeline instead of its model."
+        )
+    if components is None:
+        components = _find_components(found, first.block_calls)
+    schedule = Schedule.all_compute(1, components)  # validates `components`
+    recorder = _Recorder(lookahead, steps, progress)
+    boundaries = _Boundaries(rule, steps)
+    hooks = []
+    try:
+        # One step is enough: under an all-compute schedule every call computes every branch, so
+        # the runtime's clock may wrap at every call; generations are delimited here instead.
+        transform(net, schedule, blocks=list(found))
+        hooks.append(
+            net.register_forward_pre_hook(partial(_before_call, boundaries, recorder), with_kwargs=True)
+        )
+        hooks.append(net.register_forward_hook(partial(_after_call, recorder)))
+        marking = _marking_pipeline_calls(pipe, boundaries) if pipe is not None else contextlib.nullcontext()
+        with marking, torch.no_grad():
+            run()
+        recorder.finish_generation()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        recorder.close()
+        if "smoothcache" in net.__dict__:
+            untransform(net)
+    if not recorder.generations:
+        raise ValueError(
+            "run must call the model during calibration; its second call (the recorded one) made no "
+            f"model call to {type(net).__name__}. Make run generate the same way every time it is called."
+        )
+    metadata = {"generation_rule": rule, "torch": torch.__version__, "dtype": recorder.dtype}
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+        metadata["solver"] = type(pipe.scheduler).__name__
+    return CalibrationErrors(
+        steps=recorder.length,
+        lookahead=lookahead,
+        errors=recorder.mean_errors(),
+        flops={path: first.module_flops.get(path, 0) for path in recorder.branches},
+        total_flops=first.total_flops,
+        generations=recorder.generations,
+        model_class=type(net).__name__,
+        metadata=metadata,
+    )
+
+
+# -- phase 1: the first model call -----------------------------------------------------------------
+class _FirstCallDone(Exception):
+    """Raised from a forward hook to stop `run` once the first model call has been observed."""
+
+
+@dataclass
+class _FirstCall:
+    block_calls: dict[str, tuple[tuple, dict]] = field(default_factory=dict)
+    module_flops: dict[str, int] = field(default_factory=dict)  # "<block>.<child>" -> FLOPs
+    total_flops: int = 0
+    timestep: float | None = None
+    called: bool = False
+
+
+def _first_call(net: torch.nn.Module, blocks: dict, run: Callable) -> _FirstCall:
+    """Run `run` up to the end of its first model call; record block arguments and FLOPs.
+
+    FLOPs per child module are differences of the counter's running total between the child's
+    pre- and post-forward hooks, so nothing depends on how FlopCounterMode names modules.
+    """
+    first = _FirstCall()
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+    counting = []  # non-empty while the counter is entered
+    starts: dict[str, list[int]] = {}
+
+    def before_model(module, args, kwargs):
+        first.timestep = _timestep_value(module, args, kwargs)
+        counter.__enter__()
+        counting.append(True)
+
+    def after_model(module, args, kwargs, output):
+        counter.__exit__(None, None, None)
+        counting.clear()
+        first.total_flops = counter.get_total_flops()
+        first.called = True
+        raise _FirstCallDone
+
+    def before_block(path, module, args, kwargs):
+        first.block_calls.setdefault(path, (args, kwargs))
+
+    def before_child(path, module, args):
+        if counting:
+            starts.setdefault(path, []).append(counter.get_total_flops())
+
+    def after_child(path, module, args, output):
+        if counting and starts.get(path):
+            spent = counter.get_total_flops() - starts[path].pop()
+            first.module_flops[path] = first.module_flops.get(path, 0) + spent
+
+    hooks = [
+        net.register_forward_pre_hook(before_model, with_kwargs=True),
+        net.register_forward_hook(after_model, with_kwargs=True),
+    ]
+    for path, block in blocks.items():
+        hooks.append(block.register_forward_pre_hook(partial(before_block, path), with_kwargs=True))
+        for name, child in block.named_children():
+            hooks.append(child.register_forward_pre_hook(partial(before_child, f"{path}.{name}")))
+            hooks.append(child.register_forward_hook(partial(after_child, f"{path}.{name}")))
+    try:
+        with torch.no_grad():
+            run()
+    except _FirstCallDone:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if counting:  # the model call raised half way
+            counter.__exit__(None, None, None)
+    if not first.called:
+        raise ValueError(
+            f"run must call the model; it returned without calling {type(net).__name__}. Pass a "
+            "callable that generates with this model, e.g. lambda: pipe(num_inference_steps=50)."
+        )
+    return first
+
+
+def _extra_flop_formulas() -> dict:
+    """CPU attention (`_scaled_dot_product_flash_attention_for_cpu`) has no entry in torch's FLOP
+    registry (torch 2.13), so attention would count only its projections; count it with torch's
+    own formula for the CUDA flash kernel (`sdpa_flop_count`: QK^T and PV matmuls)."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    count = getattr(flop_counter, "sdpa_flop_count", None)
+    if op is None or count is None or op in flop_counter.flop_registry:
+        return {}
+
+    def cpu_sdpa_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return count(query, key, value)  # FlopCounterMode passes shapes here (shape_wrapper)
+
+    return {op: cpu_sdpa_flop}
+
+
+def _timestep_value(net: torch.nn.Module, args: tuple, kwargs: dict) -> float | None:
+    value = next((kwargs[name] for name in TIMESTEP_ARGUMENTS if name in kwargs), None)
+    if value is None:
+        try:
+            bound = inspect.signature(net.forward).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            return None
+        value = next((bound[name] for name in TIMESTEP_ARGUMENTS if name in bound), None)
+    if isinstance(value, torch.Tensor):
+        return float(value.reshape(-1)[0]) if value.numel() else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+# -- phase 2: branches ---------------------------------------------------------------------------
+def _find_components(blocks: dict, calls: dict) -> list[str]:
+    """Component names of every residual branch, by the pass's own pattern, in graph order."""
+    found: dict[str, None] = {}
+    shared: dict[tuple, tuple[str, ...]] = {}
+    for path, block in blocks.items():
+        if path not in calls:
+            continue  # not called in the first step: the runtime would not capture it either
+        args, kwargs = calls[path]
+        key = (type(block), structure_key(block), call_signature(args, kwargs)[0])
+        if key not in shared:
+            with torch.inference_mode(False):
+                captured = capture_block(block, type(block).forward, args, kwargs)
+            shared[key] = find_residual_branches(captured.graph_module.graph).components
+        found.update(dict.fromkeys(shared[key]))
+    if not found:
+        classes = sorted({type(block).__name__ for block in blocks.values()})
+        raise NotImplementedError(
+            f"calibrate found no residual branch: inspected block classes {classes} for "
+            "`residual + gate * X` or `residual + X` where X is the output of a direct child module. "
+            "Pass the transformer blocks explicitly with blocks=[...]."
+        )
+    return list(found)
+
+
+# -- phase 3: recording ----------------------------------------------------------------------------
+class _Boundaries:
+    """Decides, per model call, whether it starts a new generation (see calibrate's docstring)."""
+
+    def __init__(self, rule: str, steps: int | None):
+        self.rule = rule
+        self.steps = steps
+        self.calls = 0
+        self.last_timestep: float | None = None
+        self.pipeline_depth = 0
+        self.pipeline_started = False
+
+    def starts_generation(self, net, args, kwargs) -> bool:
+        self.calls += 1
+        if self.rule == "steps":
+            return (self.calls - 1) % self.steps == 0
+        if self.rule == "pipeline":
+            if self.pipeline_depth == 0:
+                raise ValueError(
+                    f"with a pipeline, run must call the model only through the pipeline; "
+                    f"{type(net).__name__} was called outside pipe(...). Pass steps=<model calls per "
+                    "generation>, or calibrate the model instead of the pipeline."
+                )
+            started, self.pipeline_started = self.pipeline_started, False
+            return started
+        timestep = _timestep_value(net, args, kwargs)
+        if timestep is None:
+            raise ValueError(
+                f"{type(net).__name__} was called without a readable timestep argument in the middle "
+                "of calibration; pass steps=<model calls per generation>."
+            )
+        starts = self.last_timestep is None or timestep >= self.last_timestep
+        self.last_timestep = timestep
+        return starts
+
+
+@contextlib.contextmanager
+def _marking_pipeline_calls(pipe, boundaries: _Boundaries):
+    """Swap in a pipeline subclass whose __call__ tells `boundaries` a generation begins."""
+    original = type(pipe)
+
+    def __call__(self, *args, **kwargs):
+        boundaries.pipeline_depth += 1
+        boundaries.pipeline_started = boundaries.pipeline_depth == 1
+        try:
+            return original.__call__(self, *args, **kwargs)
+        finally:
+            boundaries.pipeline_depth -= 1
+
+    pipe.__class__ = type(
+        original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__}
+    )
+    try:
+        yield
+    finally:
+        pipe.__class__ = original
+
+
+def _before_call(boundaries: _Boundaries, recorder: _Recorder, module, args, kwargs) -> None:
+    if boundaries.starts_generation(module, args, kwargs):
+        recorder.start_generation()
+
+
+def _after_call(recorder: _Recorder, module, args, output) -> None:
+    recorder.record(module.smoothcache.branch_outputs())
+
+
+class _Recorder:
+    """Ring buffers of the last `lookahead` branch outputs and the running error sums."""
+
+    def __init__(self, lookahead: int, steps: int | None, progress: bool):
+        self.lookahead = lookahead
+        self.expected = steps
+        self.step = -1  # step index within the current generation; -1 before the first call
+        self.length: int | None = None  # model calls per generation, from the first one
+        self.generations = 0
+        self.branches: list[str] = []
+        self.dtype: str | None = None
+        self.ring: dict[str, list[list[torch.Tensor]]] = {}
+        self.pending: dict[str, list[list[torch.Tensor]]] = {}  # this generation's 0-d errors
+        self.sums: dict[str, list[np.ndarray]] = {}
+        self.progress = _Progress(progress)
+
+    def start_generation(self) -> None:
+        self.finish_generation()
+        self.step = -1
+
+    def record(self, outputs: dict[str, list[torch.Tensor]]) -> None:
+        if self.step == -1 and self.generations == 0 and not self.branches:
+            self.branches = sorted(outputs)
+            self.dtype = str(next(iter(outputs.values()))[0].dtype) if outputs else None
+        if sorted(outputs) != self.branches:
+            raise RuntimeError(
+                f"calibration saw branches {sorted(outputs)} at a step where it expected {self.branches}; "
+                "every block must run at every step."
+            )
+        self.step += 1
+        t = self.step
+        for path, tensors in outputs.items():
+            slots = self._slots(path, tensors, t)
+            current = [x.float() for x in tensors]
+            norm = sum(x.abs().sum() for x in current)
+            lags = self.pending.setdefault(path, [[] for _ in range(self.lookahead)])
+            for k in range(1, min(self.lookahead, t) + 1):
+                previous = slots[(t - k) % self.lookahead]
+                diff = sum((x - p.float()).abs().sum() for x, p in zip(current, previous, strict=True))
+                lags[k - 1].append(torch.nan_to_num(diff / norm, nan=0.0, posinf=math.inf))
+            for buffer, x in zip(slots[t % self.lookahead], tensors, strict=True):
+                buffer.copy_(x)
+        self.progress.update(self.generations + 1, t)
+
+    def _slots(self, path: str, tensors: list[torch.Tensor], t: int) -> list[list[torch.Tensor]]:
+        slots = self.ring.get(path)
+        shapes = [(x.shape, x.dtype, x.device) for x in tensors]
+        if slots is None or [(b.shape, b.dtype, b.device) for b in slots[0]] != shapes:
+            if t > 0:
+                raise ValueError(
+                    f"branch {path!r} changed its output shape in the middle of a generation (step {t}); "
+                    "keep batch size and resolution fixed within a generation, or pass steps= so "
+                    "generations are delimited correctly."
+                )
+            with torch.inference_mode(False):  # writable later whether or not run uses inference mode
+                slots = [[torch.empty_like(x) for x in tensors] for _ in range(self.lookahead)]
+            self.ring[path] = slots
+        return slots
+
+    def finish_generation(self) -> None:
+        if self.step < 0:
+            return
+        length = self.step + 1
+        self.step = -1
+        expected = self.expected if self.expected is not None else self.length
+        if expected is not None and length != expected:
+            source = "steps" if self.expected is not None else "the first generation's count"
+            raise ValueError(
+                f"generations must all have the same number of model calls; generation "
+                f"{self.generations + 1} has {length}, but {source} is {expected}. Calibrate each step "
+                "count separately (Schedule.from_errors(errors, alpha, steps=N) adapts errors to another count)."
+            )
+        self.length = length
+        flat = [value for path in self.branches for lag in self.pending[path] for value in lag]
+        values = iter(torch.stack(flat).tolist() if flat else [])  # one device sync per generation
+        for path in self.branches:
+            sums = self.sums.setdefault(
+                path, [np.zeros(max(length - k, 0)) for k in range(1, self.lookahead + 1)]
+            )
+            for k in range(self.lookahead):
+                sums[k] += [next(values) for _ in range(len(sums[k]))]
+        self.pending.clear()
+        self.generations += 1
+
+    def mean_errors(self) -> dict[str, list[list[float]]]:
+        return {path: [(s / self.generations).tolist() for s in sums] for path, sums in self.sums.items()}
+
+    def close(self) -> None:
+        self.ring.clear()
+        self.progress.close()
+
+
+class _Progress:
+    """tqdm when installed, else one rewritten line on stderr; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(desc="calibrate", unit="step", file=sys.stderr)
+
+    def update(self, generation: int, step: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(generation=generation, step=step + 1, refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            sys.stderr.write(f"\rcalibrate: generation {generation}, step {step + 1}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+        self.enabled = False
+        self.bar = None
+
+
+def _check_count(name: str, value: Any, meaning: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int ({meaning}); got {type(value).__name__} {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 ({meaning}); got {value}.")

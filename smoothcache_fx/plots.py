@@ -1,0 +1,137 @@
+"""PNG plots of calibration errors and schedules (optional extra: ``pip install smoothcache-fx[plot]``).
+
+A leaf module: it imports matplotlib lazily and nothing of the runtime, so `Schedule.plot` and
+`CalibrationErrors.plot` can delegate here. Figures are drawn on matplotlib's Agg canvas directly
+(`matplotlib.figure.Figure`, not pyplot), so plotting neither needs a display nor changes the
+process-wide backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from smoothcache_fx.schedules import Schedule
+    from smoothcache_fx.schedules.errors import CalibrationErrors
+
+_COMPUTE_COLOUR = "#1f4e79"
+_REUSE_COLOUR = "#e8eef5"
+
+
+def plot_errors(
+    errors: CalibrationErrors,
+    path: str | os.PathLike[str],
+    alpha: float | None = None,
+    per_block: bool = False,
+) -> Path:
+    """One panel per component: its block-averaged e_k over the step index i, one line per lag k.
+
+    Args:
+        errors: from `smoothcache_fx.calibrate`.
+        path: PNG file to write.
+        alpha: draw this threshold as a horizontal line.
+        per_block: also draw each block's curve, thin and faint, behind the average.
+
+    Returns:
+        The path written.
+    """
+    figure_class, _ = _matplotlib()
+    components = errors.components
+    figure = figure_class(figsize=(6.4, 2.6 * len(components)), layout="constrained")
+    axes = figure.subplots(len(components), 1, squeeze=False)[:, 0]
+    for axis, component in zip(axes, components, strict=True):
+        for k in range(1, errors.lookahead + 1):
+            curve = errors.curve(component, k)
+            (line,) = axis.plot(np.arange(len(curve)), curve, marker=".", label=f"k={k}")
+            if per_block:
+                for branch in errors.branches_of(component):
+                    values = errors.errors[branch][k - 1]
+                    axis.plot(np.arange(len(values)), values, color=line.get_color(), alpha=0.25, lw=0.7)
+        if alpha is not None:
+            axis.axhline(alpha, color="black", ls="--", lw=1, label=f"alpha={alpha:g}")
+        if _all_positive(errors, component):
+            axis.set_yscale("log")
+        axis.set_title(f"{component} (mean of {len(errors.branches_of(component))} blocks)", fontsize=10)
+        axis.set_ylabel("rel. L1 e_k[i]")
+        axis.legend(fontsize=8)
+    axes[-1].set_xlabel("step i (e_k[i] compares step i with step i+k)")
+    figure.suptitle(
+        f"{errors.model_class or 'model'}: {errors.steps} steps, {errors.generations} generation(s)",
+        fontsize=11,
+    )
+    return _save(figure, path)
+
+
+def plot_schedule(
+    schedule: Schedule, path: str | os.PathLike[str], branches: Mapping[str, Sequence[str]] | None = None
+) -> Path:
+    """Heatmap, rows x steps: dark = compute, light = reuse the cached output.
+
+    Args:
+        schedule: any `Schedule`.
+        path: PNG file to write.
+        branches: block path -> component names (``model.smoothcache.branches``); gives one row per
+            branch resolved through the schedule's keys (a branch no key covers always computes).
+            Without it, one row per schedule key.
+
+    Returns:
+        The path written.
+    """
+    figure_class, colors = _matplotlib()
+    if branches is None:
+        rows = {key: mask for key, mask in schedule.masks.items()}
+    else:
+        rows = {}
+        for block, components in branches.items():
+            for component in components:
+                mask = schedule.mask_for(f"{block}.{component}")
+                rows[f"{block}.{component}"] = (
+                    [1] * schedule.steps if mask is None else [int(v) for v in mask]
+                )
+    matrix = np.array(list(rows.values()), dtype=float).reshape(len(rows), schedule.steps)
+    height = 1.2 + 0.22 * len(rows)
+    width = min(max(4.0, 2.5 + 0.16 * schedule.steps), 16.0)
+    figure = figure_class(figsize=(width, height), layout="constrained")
+    axis = figure.subplots()
+    cmap = colors.ListedColormap([_REUSE_COLOUR, _COMPUTE_COLOUR])
+    axis.imshow(matrix, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    axis.set_yticks(range(len(rows)), list(rows), fontsize=7)
+    axis.set_xlabel("step")
+    computed = int(matrix.sum())
+    title = f"{schedule.steps} steps, computed {computed}/{matrix.size}"
+    for name in ("alpha", "ideal_speedup"):
+        if name in schedule.metadata:
+            title += f", {name}={schedule.metadata[name]:.3g}"
+    axis.set_title(title, fontsize=9)
+    return _save(figure, path)
+
+
+def _all_positive(errors: CalibrationErrors, component: str) -> bool:
+    values = [v for b in errors.branches_of(component) for curve in errors.errors[b] for v in curve]
+    return bool(values) and min(values) > 0 and np.isfinite(values).all()
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib import colors
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "plotting needs matplotlib, which is not installed. Install the optional extra with "
+            "`pip install smoothcache-fx[plot]` (or `pip install matplotlib`)."
+        ) from err
+    return Figure, colors
+
+
+def _save(figure, path: str | os.PathLike[str]) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)  # draw on Agg regardless of the process-wide backend
+    path = Path(path)
+    figure.savefig(path, format="png", dpi=110)
+    return path
