@@ -250,8 +250,9 @@ def test_resampling_interpolates_over_normalised_time_and_keeps_lags():
         expected = [min(j / (new - 1), last) for j in range(new - k)]
         np.testing.assert_allclose(moved.errors["blocks.0.attn"][k - 1], expected)
     assert moved.flops == errors.flops and moved.metadata["resampled_from_steps"] == steps
-    direct = Schedule.from_errors(errors, alpha=0.3, steps=new)
-    assert direct.steps == new and direct.masks == Schedule.from_errors(moved, alpha=0.3).masks
+    direct = Schedule.from_errors(errors, alpha=0.3, steps=new)  # resamples with lags="time"
+    timed = errors.resampled(new, lags="time")
+    assert direct.steps == new and direct.masks == Schedule.from_errors(timed, alpha=0.3).masks
     assert direct.metadata["calibrated_steps"] == steps and direct.metadata["steps"] == new
 
 
