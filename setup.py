@@ -16,6 +16,7 @@ setup(
         "smoothcache_fx.passes",
         "smoothcache_fx.kernels",
         "smoothcache_fx.schedules",
+        "smoothcache_fx.demo",
     ],
     package_dir={
         "smoothcache_fx": "smoothcache_fx",
@@ -23,17 +24,25 @@ setup(
         "smoothcache_fx.kernels": "kernels",
         "smoothcache_fx.schedules": "schedules",
     },
-    package_data={"smoothcache_fx.schedules": ["data/*.json"]},
+    package_data={
+        "smoothcache_fx.schedules": ["data/*.json"],
+        # the trained digits DiT and classifier (fp16/fp32 safetensors, ~4.6 MB) and their record
+        "smoothcache_fx.demo": ["*.safetensors", "*.json"],
+    },
     # torch>=2.6: torch.library.triton_op and torch.export's nn_module_stack paths. A range that the
     # local CPU build (2.13.0) satisfies, so installing next to it pulls nothing else.
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "diffusers": ["diffusers>=0.30"],
+        # smoothcache_fx.demo: the shipped digits DiT is a diffusers model; weights are safetensors
+        "demo": ["diffusers>=0.30", "safetensors", "matplotlib", "Pillow"],
+        "plot": ["matplotlib"],
         "test": [
             "pytest>=8",
             "pytest-timeout",
             "ruff>=0.6",
             "diffusers>=0.30",
+            "matplotlib",
             "dit-smoothcache==0.1.1",
             "triton==3.7.1; platform_system == 'Linux'",  # what torch 2.13.0's CUDA wheel pins; no torch dep
         ],

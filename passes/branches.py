@@ -2,8 +2,10 @@
 
 A residual branch is `add(residual, mul(gate, X))` or `add(residual, X)` (either operand order),
 where X is produced by one direct child module of the block (attn1, ff, attn, mlp, ...), possibly
-through view/cast ops, and the add and mul sit at block level. This is a pattern confirmed by node
-metadata (`nn_module_stack` for ownership, `meta["val"]` for shapes), not a table of models.
+through view, slice, permute or cast ops, and the add and mul sit at block level. This is a pattern
+confirmed by node metadata (`nn_module_stack` for ownership, `meta["val"]` for shapes), not a table
+of models. The gate is whatever multiplies X (`gate`, `gate.unsqueeze(1)`, `gate.tanh()`), as long as
+it does not come from X's own module.
 
 The unit a schedule switches is the child module (the "component"): skipping `attn` reuses every
 residual update it feeds (SD3's joint attention feeds two streams), since computing any of them
@@ -22,10 +24,17 @@ from smoothcache_fx.passes.capture import BLOCK_PREFIX
 ADD_TARGETS = (torch.ops.aten.add.Tensor,)
 MUL_TARGETS = (torch.ops.aten.mul.Tensor,)
 
-# Ops that change a tensor's view or dtype but not its meaning: X may reach the gate through them.
+# Ops that change a tensor's view, layout or dtype but not its meaning: X may reach the gate through
+# them. Slices let one module feed two streams (CogVideoX runs ff on the text and video tokens
+# together and slices its output per stream); permutes undo a channels-first layout (Sana's conv
+# feed-forward).
 PASS_THROUGH_TARGETS = (
     torch.ops.aten.view.default,
+    torch.ops.aten._unsafe_view.default,
     torch.ops.aten.reshape.default,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
     torch.ops.aten.squeeze.dim,
     torch.ops.aten.squeeze.dims,
     torch.ops.aten.unsqueeze.default,
@@ -138,11 +147,7 @@ def find_residual_branches(graph: Graph) -> BlockBranches:
         The sites found; empty when the block has no residual branch (the caller decides
         whether that is an error).
     """
-    sites: list[ResidualSite] = []
-    for add in graph.nodes:
-        site = _match_site(add)
-        if site is not None:
-            sites.append(site)
+    sites = [site for site in map(_match_site, graph.nodes) if site is not None]
     return BlockBranches(tuple(sites))
 
 
@@ -154,6 +159,8 @@ def _match_site(add: Node) -> ResidualSite | None:
                 continue
             if gate is not None and _branch_component(gate) == component:
                 continue  # both factors from one module: a product inside the branch, not a gate
+            if _feeds_back(add):
+                return None
             return ResidualSite(
                 component=component,
                 add=add.name,
@@ -163,3 +170,33 @@ def _match_site(add: Node) -> ResidualSite | None:
                 mul=None if mul is None else mul.name,
             )
     return None
+
+
+def _feeds_back(add: Node) -> bool:
+    """Whether the sum flows into a module that produced one of its terms.
+
+    Then the sum is an intermediate of that module, not a residual update of the block: Lumina-Next
+    adds attn1's output and the gated attn2 output and projects the sum with `attn2.to_out`. Terms
+    are looked at through pass-through ops and one block-level multiplication (a gate).
+    """
+    producers = {c for term in add.args if isinstance(term, Node) for c in _term_components(term)}
+    seen: set[Node] = set()
+    stack = list(add.users)
+    while stack and producers:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if owner_component(node) in producers:
+            return True
+        stack.extend(node.users)
+    return False
+
+
+def _term_components(term: Node) -> set[str]:
+    component = _branch_component(term)
+    if component is not None:
+        return {component}
+    if term.op == "call_function" and term.target in MUL_TARGETS and owner_component(term) is None:
+        return {c for arg in term.args if isinstance(arg, Node) if (c := _branch_component(arg))}
+    return set()

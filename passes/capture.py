@@ -7,7 +7,9 @@ clean module paths in `node.meta["nn_module_stack"]`, which the branch analysis 
 The block's call is flattened with pytree: tensor leaves become graph inputs, every other leaf
 (None, ints, strings) is baked into the graph. Parameters and buffers are lifted to inputs too, so a
 graph holds no weights: the runtime passes the block's own tensors (and one compiled artifact can
-serve every block of the same structure).
+serve every block of the same structure). Two clean-ups follow the export: metadata assertions
+are removed, and block-level adds and muls that promote a lower-precision operand get that upcast
+as an explicit cast (so a bf16 branch added in fp32 is seen through the cast).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ ASSERT_TARGETS = (
     torch.ops.aten._assert_tensor_metadata.default,
     torch.ops.aten._assert_scalar.default,
 )
+
+# Block-level ops whose implicit type promotion `make_promotions_explicit` writes out as a cast.
+PROMOTING_TARGETS = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ def capture_block(block: torch.nn.Module, forward: Callable, args: tuple, kwargs
 
     graph_module = exported.graph_module
     remove_assertions(graph_module)
+    make_promotions_explicit(graph_module)
     return CapturedBlock(
         graph_module=graph_module,
         state_names=tuple(state_names),
@@ -186,6 +192,49 @@ def remove_assertions(graph_module: torch.fx.GraphModule) -> int:
             removed += 1
     graph_module.recompile()
     return removed
+
+
+def make_promotions_explicit(graph_module: torch.fx.GraphModule) -> int:
+    """Upcast, with an explicit `_to_copy`, the lower-precision operand of every block-level
+    floating add/mul whose result has a higher precision; returns how many casts were inserted.
+
+    Wan adds in float32 around bfloat16 branches (`h.float() + attn(x) * gate_fp32`): the residual
+    pattern then sees the cast as X's pass-through, and the residual, the branch and the gate share
+    the result's dtype, as the fused op needs. Only upcasts are made explicit; they are exact and
+    are what type promotion does inside the op anyway.
+    """
+    graph = graph_module.graph
+    inserted = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in PROMOTING_TARGETS or not _at_block_level(node):
+            continue
+        out = node.meta.get("val")
+        if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+            continue
+        for arg in dict.fromkeys(node.args):
+            value = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+            if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+                continue
+            if value.dtype == out.dtype or torch.promote_types(value.dtype, out.dtype) != out.dtype:
+                continue
+            with graph.inserting_before(node):
+                cast = graph.call_function(torch.ops.aten._to_copy.default, (arg,), {"dtype": out.dtype})
+            # At block level, like the op it feeds: the residual pattern reads ownership from here.
+            cast.meta = {
+                key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta
+            }
+            cast.meta["val"] = value.to(out.dtype)
+            node.replace_input_with(arg, cast)
+            inserted += 1
+    if inserted:
+        graph.lint()
+        graph_module.recompile()
+    return inserted
+
+
+def _at_block_level(node: torch.fx.Node) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return not any(path.startswith(BLOCK_PREFIX) for path, _ in stack.values())
 
 
 def structure_key(block: torch.nn.Module) -> tuple:

@@ -1,11 +1,13 @@
 """A forward-patching SmoothCache reference, the oracle that smoothcache_fx is checked against.
 
 Independent of smoothcache_fx on purpose: it reads the schedule as a plain dict in the SmoothCache
-JSON format and patches `forward` of each scheduled child module (attn1, attn2, ff, attn, mlp) of
-each transformer block (an element of an `nn.ModuleList`), as Roblox/SmoothCache's helpers do for
-attn1 only. On a reuse step the patched forward returns the module output cached at the last
-compute step. One model call is one step. It caches the *module output*; smoothcache_fx caches the
-tensor that enters the gate multiplication, which is the same tensor for the test models.
+JSON format and patches `forward` of each scheduled child module (attn1, attn2, ff, attn, mlp, or the
+names passed as `components`) of each transformer block (an element of an `nn.ModuleList`), as
+Roblox/SmoothCache's helpers do for attn1 only. On a reuse step the patched forward returns the
+module output cached at the last compute step. One model call is one step. It caches the *module
+output*; smoothcache_fx caches the tensor that enters the gate multiplication, which is the same
+tensor for the test models (and for every family in COVERAGE.md: where a branch is a slice of a
+module's output, CogVideoX's ff, every slice is reused together with the module).
 """
 
 from __future__ import annotations
@@ -25,10 +27,19 @@ class ForwardPatchingReference:
         schedule: key -> one 0/1 per step (1 = compute, 0 = reuse). Keys are a component name
             (`"ff"`), `"<component>-<block index>"` (`"ff-1"`) or a full module path
             (`"transformer_blocks.1.ff"`); the most specific key wins.
+        components: names of the child modules that may be patched; default `COMPONENTS`. Models
+            whose residual branches come from other children (Flux's `ff_context`, `proj_out`) pass
+            theirs here.
     """
 
-    def __init__(self, model: nn.Module, schedule: Mapping[str, Sequence[int]]):
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Mapping[str, Sequence[int]],
+        components: Sequence[str] = COMPONENTS,
+    ):
         self.model = model
+        self.components = tuple(components)
         self.schedule = {key: [int(v) for v in mask] for key, mask in schedule.items()}
         self.step = 0
         self.cache: dict[str, object] = {}
@@ -55,7 +66,7 @@ class ForwardPatchingReference:
             if not isinstance(module_list, nn.ModuleList):
                 continue
             for index, block in enumerate(module_list):
-                for name in COMPONENTS:
+                for name in self.components:
                     child = getattr(block, name, None)
                     path = f"{list_path}.{index}.{name}" if list_path else f"{index}.{name}"
                     key = self.key_for(path)

@@ -96,7 +96,10 @@ def test_input_change_in_the_middle_of_a_generation(change):
     else:
         model.to("meta")  # another device; the check fires before any block compute
         x, t, y = x.to("meta"), t.to("meta"), y.to("meta")
-    with pytest.raises(RuntimeError, match=r"middle of a generation \(step 2 of 4\).*reset\(\)"), torch.no_grad():
+    with (
+        pytest.raises(RuntimeError, match=r"middle of a generation \(step 2 of 4\).*reset\(\)"),
+        torch.no_grad(),
+    ):
         model(x, timestep=t, class_labels=y)
 
 

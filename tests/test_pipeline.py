@@ -16,13 +16,20 @@ STEPS = 6
 
 
 def _generate(pipe, steps=STEPS):
-    return pipe(class_labels=[1, 7], num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np").images
+    return pipe(
+        class_labels=[1, 7],
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
 
 
 @pytest.fixture(scope="module")
 def pipelines():
     original = models.dit_pipeline()
-    transformed = smoothcache_fx.transform(copy.deepcopy(original), Schedule.uniform(STEPS, 2, ["attn1", "ff"]))
+    transformed = smoothcache_fx.transform(
+        copy.deepcopy(original), Schedule.uniform(STEPS, 2, ["attn1", "ff"])
+    )
     return original, transformed
 
 
@@ -45,7 +52,9 @@ def test_pipeline_call_resets_a_half_finished_generation(pipelines):
     _, pipe = pipelines
     first = _generate(pipe)
     with torch.no_grad():  # leave the clock in the middle of a generation
-        pipe.transformer(torch.randn(2, 4, 8, 8), timestep=torch.tensor([5, 5]), class_labels=torch.tensor([1, 2]))
+        pipe.transformer(
+            torch.randn(2, 4, 8, 8), timestep=torch.tensor([5, 5]), class_labels=torch.tensor([1, 2])
+        )
     assert pipe.transformer.smoothcache.step == 1
     np.testing.assert_array_equal(_generate(pipe), first)
 
@@ -59,6 +68,8 @@ def test_all_compute_pipeline_equals_original():
 @pytest.mark.parametrize("steps", [STEPS - 2, STEPS + 2])
 def test_pipeline_step_count_must_match_the_schedule(pipelines, steps):
     _, pipe = pipelines
-    with pytest.raises(ValueError, match=rf"schedule has {STEPS} steps|more than the schedule's {STEPS} steps"):
+    with pytest.raises(
+        ValueError, match=rf"schedule has {STEPS} steps|more than the schedule's {STEPS} steps"
+    ):
         _generate(pipe, steps)
     _generate(pipe)  # the runtime is usable again afterwards

@@ -1,0 +1,116 @@
+"""`smoothcache-fx`: the command line (`demo`; `profile` of the demo model)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="smoothcache-fx", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="calibrate, schedule, compile and measure on the shipped digits DiT"
+    )
+    demo.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps per generation (50)")
+    demo.add_argument("--per-class", type=_positive_int, default=4, help="samples per digit class (4)")
+    demo.add_argument(
+        "--target", type=float, help="ideal speedup to reach (default: fastest that keeps quality)"
+    )
+    demo.add_argument("--alpha", type=float, help="SmoothCache error threshold instead of --target")
+    demo.add_argument("--schedule", help="a schedule JSON file instead of calibrating one")
+    demo.add_argument("--no-compile", action="store_true", help="time eager execution only")
+    demo.add_argument("--repeats", type=_positive_int, default=3, help="timed generations per row (3)")
+    demo.add_argument("--out", default="smoothcache_demo", help="output folder (smoothcache_demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+
+    prof = commands.add_parser(
+        "profile", help="profile the shipped digits DiT under a schedule (per step, branch, kernel)"
+    )
+    prof.add_argument("--model", choices=("demo",), default="demo", help="which model (demo)")
+    prof.add_argument("--schedule", help="schedule JSON (default: FORA-2 on attn1 and ff over --steps steps)")
+    prof.add_argument("--steps", type=_positive_int, help="steps per generation (the schedule's, or 20)")
+    prof.add_argument("--per-class", type=_positive_int, default=1, help="samples per digit class (1)")
+    prof.add_argument("--compile", action="store_true", help="profile compiled variants")
+    prof.add_argument(
+        "--no-branches", action="store_true", help="step ranges only (compiled variants run unsplit)"
+    )
+    prof.add_argument("--trace", help="write the Chrome/Perfetto trace here")
+    prof.add_argument("--json", help="write the report as JSON here")
+
+    args = parser.parse_args(argv)
+    # torch.export deep-copies pytree specs, which warns about torch's own deprecated LeafSpec.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    if args.command == "demo":
+        return _demo(args, parser)
+    return _profile(args)
+
+
+def _demo(args, parser) -> int:
+    if sum(x is not None for x in (args.target, args.alpha, args.schedule)) > 1:
+        parser.error("give at most one of --target, --alpha and --schedule")
+    from smoothcache_fx.demo.job import DemoOptions, run_demo
+
+    options = DemoOptions(
+        steps=args.steps,
+        per_class=args.per_class,
+        target=args.target,
+        alpha=args.alpha,
+        schedule=args.schedule,
+        compile=not args.no_compile,
+        repeats=args.repeats,
+        out=args.out,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    try:
+        run_demo(options)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"smoothcache-fx demo: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _profile(args) -> int:
+    """`smoothcache-fx profile`: the demo model, one generation of every digit, under the schedule."""
+    import torch
+
+    from smoothcache_fx.demo.job import load_schedule_for_demo
+    from smoothcache_fx.demo.model import NUM_CLASSES, generate, load_demo_model
+    from smoothcache_fx.profile import profile
+    from smoothcache_fx.schedules import Schedule
+    from smoothcache_fx.transform import transform
+
+    try:
+        if args.schedule is not None:
+            schedule = load_schedule_for_demo(args.schedule, args.steps)
+        else:
+            schedule = Schedule.uniform(args.steps or 20, 2, ["attn1", "ff"])
+        model = transform(load_demo_model(), schedule, compile=args.compile)
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
+
+        def run():
+            generate(model, labels, schedule.steps, generator=torch.Generator().manual_seed(0))
+
+        report = profile(model, run, trace=args.trace, baseline=True, branches=not args.no_branches)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"smoothcache-fx profile: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    if args.json:
+        report.to_json(args.json)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

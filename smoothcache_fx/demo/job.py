@@ -1,0 +1,267 @@
+"""`smoothcache-fx demo`: calibrate, schedule, compile and measure on the shipped digits DiT.
+
+What a newcomer should see in a few minutes on a laptop CPU: real denoising with a trained model,
+a real calibration, the schedule it gives, the speed of compiled cached generation against compiled
+uncached generation, and whether the samples stayed the same digits (PSNR against the uncached
+samples from the same noise, and the shipped classifier's accuracy on both).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smoothcache_fx.calibrate import calibrate
+from smoothcache_fx.demo.classifier import classify, load_digits_classifier
+from smoothcache_fx.demo.model import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEMO_CONFIG,
+    NUM_CLASSES,
+    generate,
+    load_demo_model,
+)
+from smoothcache_fx.schedules import Schedule
+from smoothcache_fx.transform import transform
+
+# The quality bar of the project's issue 6: cached samples within 2 accuracy points of uncached
+# ones and at least 25 dB PSNR against them (8x8 pixels in [-1, 1], peak-to-peak 2).
+MIN_PSNR_DB = 25.0
+MAX_ACCURACY_DROP = 0.02
+# Targets tried when none is given: the fastest one that keeps the quality bar is used.
+CANDIDATE_TARGETS = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0)
+
+
+@dataclass
+class DemoOptions:
+    """What `smoothcache-fx demo` was asked for."""
+
+    steps: int = 50
+    per_class: int = 4
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    target: float | None = None
+    alpha: float | None = None
+    schedule: str | None = None
+    compile: bool = True
+    repeats: int = 3
+    out: str = "smoothcache_demo"
+    seed: int = 0
+    calibration_generations: int = 2
+    progress: bool = True
+
+
+def run_demo(options: DemoOptions, log=print) -> dict:
+    """Runs the whole demo and returns its results (also written to `<out>/results.json`)."""
+    out = _output_folder(options.out)
+    model = load_demo_model()
+    classifier = load_digits_classifier()
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(options.per_class)
+
+    def sample(net, seed=options.seed):
+        generator = torch.Generator().manual_seed(seed)
+        return generate(net, labels, options.steps, options.guidance_scale, generator=generator)
+
+    log(
+        f"demo DiT: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{DEMO_CONFIG['num_layers']} blocks; {len(labels)} samples x {options.steps} DDIM steps"
+    )
+    uncached = sample(model)
+    errors = _calibrate(model, options, labels, log)
+    errors.save(out / "calibration_errors.json")
+
+    schedule, curve = _choose_schedule(model, errors, options, uncached, labels, classifier, sample, log)
+    schedule.save(out / "schedule.json")
+    cached = sample(transform(copy.deepcopy(model), schedule))
+
+    timings = _time_rows(model, schedule, options, sample, log)
+    results = {
+        "steps": options.steps,
+        "samples": len(labels),
+        "schedule": schedule.to_dict(),
+        "ideal_speedup": errors.ideal_speedup(schedule),
+        "psnr_db": psnr(cached, uncached),
+        "accuracy_uncached": _accuracy(uncached, labels, classifier),
+        "accuracy_cached": _accuracy(cached, labels, classifier),
+        "timings_s": timings,
+        "speed_quality_curve": curve,
+    }
+    base = timings.get("compiled") or timings["eager"]
+    fast = timings.get("compiled + SmoothCache") or timings["eager + SmoothCache"]
+    results["achieved_speedup"] = base / fast
+    _write_pictures(out, uncached, cached, errors, schedule, model, log)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    log(format_table(results))
+    log(f"wrote {out}/: samples.png, schedule.png, errors.png, schedule.json, results.json")
+    return results
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = torch.mean((images.float() - reference.float()) ** 2).item()
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def format_table(results: dict) -> str:
+    rows = [f"{'generation':<26}{'time/gen':>10}{'speedup':>9}"]
+    base = results["timings_s"].get("compiled") or results["timings_s"]["eager"]
+    for name, seconds in results["timings_s"].items():
+        rows.append(f"{name:<26}{seconds * 1e3:>8.0f}ms{base / seconds:>8.2f}x")
+    rows += [
+        f"achieved speedup {results['achieved_speedup']:.2f}x of ideal {results['ideal_speedup']:.2f}x "
+        f"({results['achieved_speedup'] / results['ideal_speedup']:.0%})",
+        f"PSNR cached vs uncached {results['psnr_db']:.1f} dB; classifier accuracy uncached "
+        f"{results['accuracy_uncached']:.1%}, cached {results['accuracy_cached']:.1%}",
+    ]
+    return "\n".join(rows)
+
+
+# -- steps of the demo -------------------------------------------------------------------------------
+def _output_folder(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(
+            f"--out must be a writable folder; got {str(out)!r} ({error.strerror}). "
+            "Pass --out with a folder you can write to."
+        ) from error
+    return out
+
+
+def _calibrate(model, options: DemoOptions, labels, log):
+    log(f"calibrating on {options.calibration_generations} generations (lookahead 3)...")
+
+    def run():
+        for index in range(options.calibration_generations):
+            generator = torch.Generator().manual_seed(1000 + index)
+            generate(model, labels, options.steps, options.guidance_scale, generator=generator)
+
+    return calibrate(model, run, lookahead=3, steps=options.steps, progress=options.progress)
+
+
+def _choose_schedule(model, errors, options, uncached, labels, classifier, sample, log):
+    """--schedule, --alpha or --target as given; otherwise the fastest candidate target whose
+    samples keep the quality bar. Returns the schedule and the speed/quality curve measured."""
+    if options.schedule is not None:
+        return load_schedule_for_demo(options.schedule, options.steps), []
+    if options.alpha is not None:
+        return Schedule.from_errors(errors, alpha=options.alpha), []
+    if options.target is not None:
+        return Schedule.for_speedup(errors, target=options.target), []
+    accuracy = _accuracy(uncached, labels, classifier)
+    curve, best = [], None
+    for target in CANDIDATE_TARGETS:
+        try:
+            schedule = Schedule.for_speedup(errors, target=target)
+        except ValueError:
+            break  # beyond the largest reachable speedup
+        cached = sample(transform(copy.deepcopy(model), schedule))
+        point = {
+            "target": target,
+            "alpha": schedule.metadata["alpha"],
+            "ideal_speedup": errors.ideal_speedup(schedule),
+            "psnr_db": psnr(cached, uncached),
+            "accuracy": _accuracy(cached, labels, classifier),
+        }
+        point["keeps_quality"] = (
+            point["psnr_db"] >= MIN_PSNR_DB and point["accuracy"] >= accuracy - MAX_ACCURACY_DROP
+        )
+        curve.append(point)
+        log(
+            f"  target {target:.2f}x: alpha {point['alpha']:.3f}, ideal {point['ideal_speedup']:.2f}x, "
+            f"PSNR {point['psnr_db']:.1f} dB, accuracy {point['accuracy']:.1%}"
+            f"{'' if point['keeps_quality'] else ' (below the quality bar)'}"
+        )
+        if point["keeps_quality"]:
+            best = schedule
+    if best is None:
+        best = Schedule.for_speedup(errors, target=CANDIDATE_TARGETS[0])
+        log("no candidate kept the quality bar; using the mildest one")
+    return best, curve
+
+
+def load_schedule_for_demo(path: str, steps: int | None) -> Schedule:
+    """A schedule file checked against the demo DiT: its model, step count (None: any) and keys."""
+    schedule = Schedule.load(path)
+    model_class = schedule.metadata.get("model")
+    if model_class not in (None, "DiTTransformer2DModel"):
+        raise ValueError(
+            f"--schedule must be made for the demo's DiTTransformer2DModel; {path} was made for "
+            f"{model_class}. Calibrate one with `smoothcache-fx demo` (it writes schedule.json)."
+        )
+    if steps is not None and schedule.steps != steps:
+        raise ValueError(
+            f"--schedule must have one entry per step: {path} has {schedule.steps} steps but the "
+            f"demo runs --steps {steps}. Pass --steps {schedule.steps}."
+        )
+    unknown = schedule.unmatched_keys(
+        f"transformer_blocks.{i}.{c}" for i in range(DEMO_CONFIG["num_layers"]) for c in ("attn1", "ff")
+    )
+    if unknown:
+        raise ValueError(
+            f"--schedule keys {unknown} match no branch of the demo DiT (attn1 and ff of "
+            f"transformer_blocks.0-{DEMO_CONFIG['num_layers'] - 1}); is {path} for another model?"
+        )
+    return schedule
+
+
+def _time_rows(model, schedule, options: DemoOptions, sample, log) -> dict[str, float]:
+    rows = {"eager": copy.deepcopy(model), "eager + SmoothCache": transform(copy.deepcopy(model), schedule)}
+    if options.compile:
+        log("compiling (torch.compile, inductor): the original, then each SmoothCache variant once...")
+        rows["compiled"] = torch.compile(copy.deepcopy(model), fullgraph=True)
+        rows["compiled + SmoothCache"] = transform(copy.deepcopy(model), schedule, compile=True)
+    for net in rows.values():
+        sample(net)  # warm-up: capture and compile stay out of the timings
+    samples = {name: [] for name in rows}
+    for _ in range(options.repeats):  # interleaved, so load on the machine hits every row alike
+        for name, net in rows.items():
+            start = time.perf_counter()
+            sample(net)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _accuracy(images, labels, classifier) -> float:
+    return (classify(images, classifier) == labels).float().mean().item()
+
+
+def _write_pictures(out: Path, uncached, cached, errors, schedule, model, log) -> None:
+    _save_grid(out / "samples.png", uncached, cached)
+    try:
+        errors.plot(out / "errors.png", alpha=schedule.metadata.get("alpha"))
+        schedule.plot(out / "schedule.png")
+    except ImportError as error:
+        log(f"skipped errors.png and schedule.png: {error}")
+
+
+def _save_grid(path: Path, left: torch.Tensor, right: torch.Tensor, scale: int = 6) -> None:
+    """Uncached samples (left) beside cached ones (right): one row per class."""
+    from PIL import Image
+
+    def grid(images):
+        per_class = images.shape[0] // NUM_CLASSES
+        tiles = (
+            images[:, 0]
+            .reshape(NUM_CLASSES, per_class, 8, 8)
+            .permute(0, 2, 1, 3)
+            .reshape(NUM_CLASSES * 8, per_class * 8)
+        )
+        return tiles
+
+    gap = torch.ones(NUM_CLASSES * 8, 2)
+    canvas = torch.cat([grid(left), gap, grid(right)], dim=1)
+    pixels = ((canvas.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    image = Image.fromarray(pixels, mode="L").resize(
+        (pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST
+    )
+    image.save(path)

@@ -1,0 +1,144 @@
+"""`smoothcache-fx demo` end to end at reduced size, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smoothcache_fx.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--steps",
+            "8",
+            "--per-class",
+            "1",
+            "--no-compile",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    for name in (
+        "samples.png",
+        "schedule.png",
+        "errors.png",
+        "schedule.json",
+        "results.json",
+        "calibration_errors.json",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 8 and results["samples"] == 10
+    assert results["ideal_speedup"] >= 1.0
+    assert results["psnr_db"] > 10
+    assert 0 <= results["accuracy_cached"] <= 1 and 0 <= results["accuracy_uncached"] <= 1
+    assert set(results["timings_s"]) == {"eager", "eager + SmoothCache"}
+    assert all(seconds > 0 for seconds in results["timings_s"].values())
+    assert results["speed_quality_curve"], "the default picks a target from a measured curve"
+    table = capsys.readouterr().out
+    assert "achieved speedup" in table and "PSNR" in table
+
+
+def test_unknown_option_is_rejected(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--fastest"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --fastest" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["demo", "--steps", "4", "--out", str(blocker / "sub")]) == 2
+    assert "--out must be a writable folder" in capsys.readouterr().err
+
+
+def test_schedule_file_for_another_model(tmp_path, capsys):
+    path = tmp_path / "dit_xl.json"
+    path.write_text(json.dumps({"attn": [1, 0, 1, 1], "mlp": [1, 0, 1, 1]}))
+    assert (
+        main(
+            [
+                "demo",
+                "--steps",
+                "4",
+                "--per-class",
+                "1",
+                "--schedule",
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "match no branch of the demo DiT" in capsys.readouterr().err
+
+
+def test_schedule_file_with_another_step_count(tmp_path, capsys):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"attn1": [1, 0, 1], "ff": [1, 1, 1]}))
+    assert (
+        main(
+            [
+                "demo",
+                "--steps",
+                "4",
+                "--per-class",
+                "1",
+                "--schedule",
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "Pass --steps 3" in capsys.readouterr().err
+
+
+def test_conflicting_schedule_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--alpha", "0.1", "--target", "1.5"])
+    assert "at most one of" in capsys.readouterr().err
+
+
+def test_profile_command_reports_the_schedule(tmp_path, capsys):
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps({"attn1": [1, 0, 1, 0, 1, 1], "ff": [1, 1, 1, 0, 1, 1]}))
+    trace, report = tmp_path / "trace.json", tmp_path / "report.json"
+    code = main(["profile", "--schedule", str(schedule), "--trace", str(trace), "--json", str(report)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "ideal speedup" in out and "smoothcache_fx::gated_residual_add" in out
+    data = json.loads(report.read_text())
+    computed = [len(step["computed"]) for step in data["steps"]]
+    blocks = 6  # the demo DiT: attn1 + ff per block
+    assert computed == [2 * blocks, blocks, 2 * blocks, 0, 2 * blocks, 2 * blocks]
+    assert "smoothcache/step 3" in trace.read_text()
+
+
+def test_profile_command_rejects_a_schedule_for_another_model(tmp_path, capsys):
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps({"attn": [1, 0, 1], "mlp": [1, 0, 1]}))
+    assert main(["profile", "--schedule", str(schedule)]) == 2
+    assert "match no branch of the demo DiT" in capsys.readouterr().err
