@@ -13,6 +13,8 @@ DiTPipeline). Every row shares the same parameter tensors and inputs:
 - fbc / pab    diffusers' First Block Cache / Pyramid Attention Broadcast hooks (eager)
 - sc-eager     `smoothcache_fx.transform(model, schedule)`
 - sc-compile   `smoothcache_fx.transform(model, schedule, compile=True)`
+- sc-graph     `torch.compile(smoothcache_fx.transform(model, schedule, form="graph"), fullgraph=True)`:
+               the deployment form (one graph, a `torch.cond` per component), after one eager call
 
 Timing: one warm-up generation per row (its excess over the steady state is the compile/capture
 time), then `--repeats` timed generations, interleaved across rows (row A, B, C, A, B, C, ...) so that
@@ -193,9 +195,9 @@ def effective_masks(masks) -> tuple:
 
 
 # -- rows -----------------------------------------------------------------------------------------
-ROWS = ("eager", "compile", "helper", "fbc", "pab", "sc-eager", "sc-compile")
-SCHEDULED_ROWS = ("helper", "sc-eager", "sc-compile")
-COMPILED_ROWS = ("compile", "sc-compile")
+ROWS = ("eager", "compile", "helper", "fbc", "pab", "sc-eager", "sc-compile", "sc-graph")
+SCHEDULED_ROWS = ("helper", "sc-eager", "sc-compile", "sc-graph")
+COMPILED_ROWS = ("compile", "sc-compile", "sc-graph")
 
 
 @dataclass
@@ -235,6 +237,18 @@ def build_row(kind: str, schedule_name: str | None, base: torch.nn.Module, ctx: 
     schedule = make_schedule(schedule_name, ctx.steps)
     if kind == "helper":
         return _helper_row(schedule_name, schedule, base)
+    if kind == "sc-graph":
+        transformed = smoothcache_fx.transform(share(base), schedule, form="graph")
+        runtime = transformed.smoothcache
+        return Row(
+            kind,
+            schedule_name,
+            _CaptureThenCompile(transformed, ctx.compile_mode),
+            masks=effective_masks(schedule.masks),
+            reset=runtime.reset,
+            cache_bytes=lambda: runtime.cache_bytes,
+            note=lambda: "one graph, torch.cond per component",
+        )
     compiled = kind == "sc-compile"
     options = {"compile": True, "mode": ctx.compile_mode} if compiled else {}
     model = smoothcache_fx.transform(share(base), schedule, **options)
@@ -248,6 +262,21 @@ def build_row(kind: str, schedule_name: str | None, base: torch.nn.Module, ctx: 
         cache_bytes=lambda: runtime.cache_bytes,
         note=lambda: f"{runtime.distinct_variants()} variants",
     )
+
+
+class _CaptureThenCompile:
+    """The graph form's deployment path: one eager call captures the blocks (export needs real
+    arguments), the clock is reset, and the whole model compiles as one graph on that same call."""
+
+    def __init__(self, model: torch.nn.Module, mode: str | None):
+        self.model, self.mode, self.compiled = model, mode, None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            self.model(*args, **kwargs)
+            self.model.smoothcache.reset()
+            self.compiled = torch.compile(self.model, fullgraph=True, mode=self.mode)
+        return self.compiled(*args, **kwargs)
 
 
 def _helper_row(name: str, schedule: Schedule, base: torch.nn.Module) -> Row | None:
@@ -417,20 +446,31 @@ def generate(row: Row, inputs: Inputs, limit: int | None = None) -> torch.Tensor
     return run.x
 
 
-def dynamo_counts() -> dict[str, int]:
-    """Graphs compiled, graph breaks, and recompiles: compiles of a frame after its first. torch 2.13
-    no longer increments counters["recompiles"], so they are read from dynamo's per-frame compile
-    counter (the `[frame/compile]` ids of TORCH_LOGS=recompiles)."""
+DYNAMO_KEYS = ("graphs", "breaks", "recompiles")
+
+
+def dynamo_counts() -> dict:
+    """Graphs compiled, graph breaks, and each frame's compile count so far. torch 2.13 no longer
+    increments counters["recompiles"], so recompiles are read from dynamo's per-frame compile counter
+    (the `[frame/compile]` ids of TORCH_LOGS=recompiles)."""
     frames = getattr(torch._dynamo.convert_frame, "FRAME_COMPILE_COUNTER", {})
     return {
         "graphs": counters["stats"]["unique_graphs"],
         "breaks": sum(counters["graph_break"].values()),
-        "recompiles": sum(n - 1 for n in frames.values() if n > 1),
+        "frames": dict(frames),
     }
 
 
-def _delta(before: dict, after: dict) -> dict:
-    return {key: after[key] - before[key] for key in before}
+def _delta(before: dict, after: dict) -> dict[str, int]:
+    """What happened between two `dynamo_counts`. A recompile is a frame compiled more than once in
+    between: a row's first compile of a frame that an earlier row (another model instance of the
+    same class) compiled too is its own first compile, not a recompile."""
+    frames = after["frames"]
+    return {
+        "graphs": after["graphs"] - before["graphs"],
+        "breaks": after["breaks"] - before["breaks"],
+        "recompiles": sum(max(0, n - before["frames"].get(f, 0) - 1) for f, n in frames.items()),
+    }
 
 
 def warm_up(row: Row, inputs: Inputs, device, fresh_compile_cache: bool) -> None:
@@ -477,9 +517,7 @@ def measure(rows: list[Row], inputs: Inputs, repeats: int, device) -> None:
     (a 50-step DiT-B generation takes minutes on a CPU). Times are summed per row from per-step
     timers (wall and process CPU; on CUDA each step is synchronised)."""
     for row in rows:
-        row.result.update(
-            times=[], cpu_times=[], step_times=[], timed_dynamo=dict.fromkeys(dynamo_counts(), 0)
-        )
+        row.result.update(times=[], cpu_times=[], step_times=[], timed_dynamo=dict.fromkeys(DYNAMO_KEYS, 0))
     steps = len(inputs.timesteps)
     for _ in range(repeats):
         runs = [Generation(row, inputs) for row in rows]
@@ -611,7 +649,7 @@ def reference_for(row: Row, by_label: dict[str, Row]) -> Row | None:
     uncached = by_label.get("eager")
     if row.kind == "compile" or (row.masks == () and row.kind != "fbc"):
         return uncached
-    if row.kind == "sc-compile":
+    if row.kind in ("sc-compile", "sc-graph"):
         return by_label.get(f"sc-eager {row.schedule}") or _attn1_twin(row, by_label, ("helper",))
     if row.kind in ("sc-eager", "pab"):
         return _attn1_twin(row, by_label, ("helper", "sc-eager") if row.kind == "pab" else ("helper",))

@@ -77,10 +77,12 @@ def make_conditional(graph_module: GraphModule, branches: BlockBranches, compone
 
 def exclusive_nodes(graph: Graph, outputs: list[Node]) -> list[Node]:
     """Nodes that only `outputs` need: ancestors of `outputs` not reachable from the graph output
-    without passing through one of them. This is exactly what a reuse variant's DCE removes."""
+    or from a node with side effects without passing through one of them. This is exactly what a
+    reuse variant's DCE removes: a side effect (another branch's fused op writing its cache) stays
+    even when its result only fed `outputs` (AuraFlow's attention update feeds only the ff input)."""
     stop = set(outputs)
     live: set[Node] = set()
-    stack = [node for node in graph.nodes if node.op == "output"]
+    stack = [node for node in graph.nodes if node.op == "output" or _has_side_effects(node)]
     while stack:
         node = stack.pop()
         if node in live or node in stop:
@@ -96,6 +98,10 @@ def exclusive_nodes(graph: Graph, outputs: list[Node]) -> list[Node]:
         needed.add(node)
         stack.extend(node.all_input_nodes)
     return [node for node in graph.nodes if node in needed]
+
+
+def _has_side_effects(node: Node) -> bool:
+    return node.op == "call_function" and node.is_impure(impure_random=False)
 
 
 def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches) -> list[Node]:

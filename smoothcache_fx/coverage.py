@@ -11,7 +11,9 @@ and put through one contract suite:
     the output (the schedule did something);
 (c) compiled: `transform(..., compile=True)` runs with no graph breaks and, after a warm-up
     generation, no recompiles, and equals the eager cached run;
-(d) the branches found per block are the expected ones, written per family below.
+(d) the branches found per block are the expected ones, written per family below;
+(e) graph form: `transform(..., form="graph")` (torch.cond per component, the deployment form that
+    torch.export takes) equals the cached run of (b).
 
 No adapters: families are reached through the pass's one pattern (`passes/branches.py`). What a
 family needs is declared in `FAMILIES`: the diffusers class, a tiny config, an input builder and the
@@ -440,6 +442,7 @@ class FamilyResult:
     graph_breaks: int | None = None
     recompiles: int | None = None
     compiled_graphs: int | None = None
+    graph_form_diff: float | None = None
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -474,6 +477,10 @@ class FamilyResult:
         )
 
     @property
+    def graph_form_ok(self) -> bool:
+        return self.graph_form_diff is not None and self.graph_form_diff <= CACHED_TOL
+
+    @property
     def green(self) -> bool:
         return (
             bool(self.expected_ok)
@@ -481,6 +488,7 @@ class FamilyResult:
             and self.bf16_ok is not False
             and self.cached_ok
             and self.compile_ok is not False
+            and self.graph_form_ok
             and not self.errors
         )
 
@@ -554,6 +562,10 @@ def run_family(name: str, compile_backend: str | None = "inductor", bf16: bool =
         result.cached_diff = _max_diff(want, cached)
         stats = model.smoothcache.stats
         result.counts_ok = reference_counts == {p: (s["computed"], s["reused"]) for p, s in stats.items()}
+
+        # (e) the single-graph form gives the same outputs as the variants
+        graph_form = transform(copy.deepcopy(original), schedule, form="graph")
+        result.graph_form_diff = _max_diff(cached, _generation(graph_form, family))
 
         # (c) compiled: no graph breaks, no recompiles after a warm-up generation
         if compile_backend is not None:
@@ -719,10 +731,12 @@ def render_table(results: Sequence[FamilyResult], command: str) -> str:
         "- **compiled**: `transform(..., compile=True)`: compiled graphs in the warm-up generation, graph "
         "breaks over two generations, recompiles (and new graphs) in the second, max |diff| vs the eager "
         f"cached run (c; pass: 0 breaks, 0 recompiles, <= {COMPILED_TOL:g}).",
+        '- **graph form**: `transform(..., form="graph")` (one graph, `torch.cond` per component), eager, '
+        f"max |diff| vs the cached run (e; pass <= {CACHED_TOL:g}).",
         "",
         "| family | model class | branches per block | expected | all-compute | all-compute bf16 "
-        "| cached vs reference | compiled | status | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cached vs reference | compiled | graph form | status | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(result) for result in results]
     return "\n".join(lines) + "\n"
@@ -744,6 +758,7 @@ def _row(r: FamilyResult) -> str:
         bf16,
         cached,
         _compile_cell(r),
+        _diff_cell(r.graph_form_ok if r.graph_form_diff is not None else None, r.graph_form_diff),
         "green" if r.green else "**red**",
         _notes(r),
     ]

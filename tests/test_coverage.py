@@ -61,6 +61,7 @@ def test_family_is_green(results, family):
     assert result.cached_diff <= coverage.CACHED_TOL
     assert result.counts_ok
     assert result.cache_effect > coverage.MIN_CACHE_EFFECT
+    assert result.graph_form_diff <= coverage.CACHED_TOL
     assert result.green
 
 

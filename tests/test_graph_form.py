@@ -107,3 +107,38 @@ def test_graph_form_untransform():
     smoothcache_fx.untransform(graph)
     assert type(graph) is models.TinyDiT and not list(graph.buffers())
     assert torch.equal(run_steps(graph, tiny_call, 1)[0], run_steps(original, tiny_call, 1)[0])
+
+
+class NormedUpdateBlock(torch.nn.Module):
+    """AuraFlow's single-stream block: the attention update is normed and feeds only the ff input;
+    the ff residual is the block input. Skipping ff makes attn's fused op (which writes attn's
+    cache) feed nothing live, so the graph form must keep it as a side effect."""
+
+    def __init__(self, dim: int = models.HIDDEN):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.attn = models.Attention(dim, models.HEADS)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.ff = models.Mlp(dim)
+        self.gates = torch.nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, c):
+        gate_attn, gate_ff = self.gates(c).unsqueeze(1).chunk(2, dim=-1)
+        h = self.norm2(x + gate_attn * self.attn(self.norm1(x)))
+        return x + gate_ff * self.ff(h)
+
+
+def test_graph_form_keeps_a_cache_write_that_only_a_skipped_branch_reads():
+    def make():
+        torch.manual_seed(0)
+        model = models.TinyDiT()
+        model.blocks = torch.nn.ModuleList([NormedUpdateBlock() for _ in range(2)])
+        return model.eval()
+
+    # step 2: attn computes (its cache must be written) while ff, its only reader, is reused
+    schedule = Schedule.from_dict({"attn": [1, 0, 1, 0, 1, 1], "ff": [1, 1, 0, 0, 1, 1]})
+    variants, graph = _pair(make, schedule)
+    expected = run_steps(variants, tiny_call, STEPS)
+    assert variants.smoothcache.branches == {"blocks.0": ("attn", "ff"), "blocks.1": ("attn", "ff")}
+    for want, have in zip(expected, run_steps(graph, tiny_call, STEPS), strict=True):
+        assert torch.equal(want, have)
