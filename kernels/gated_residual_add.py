@@ -57,11 +57,18 @@ def gated_residual_add_reference(
     """Plain PyTorch oracle: the same two ops, in the same order, as the model's own code.
 
     `residual + gate * branch` (not addcmul) so the result is bit-identical to the untransformed block.
+    The result is contiguous, as the Triton kernel's: `residual + update` would take the residual's
+    layout, and DiTs whose first block gets a transposed residual from the patch embedding
+    (`flatten(2).transpose(1, 2)`) would then carry that layout through every later block, where the
+    model's own `update + residual` makes it contiguous again. A transposed layout slows every linear
+    after it and, with compiled variants, gives the first block's inputs other strides than the rest
+    (a second compile of each variant).
     """
     if cache is not None:
         cache.copy_(branch)
     update = branch if gate is None else gate * branch
-    return residual + update
+    out = residual + update
+    return out if out.is_contiguous() else out.contiguous()
 
 
 def gated_residual_add_decomposed(
@@ -337,8 +344,7 @@ else:
     @gated_residual_add.register_fake
     def _gated_residual_add_fake(residual, branch, gate=None, cache=None):
         _check_inputs(residual, branch, gate, cache)
-        update = branch if gate is None else gate * branch
-        return residual + update
+        return gated_residual_add_reference(residual, branch, gate)
 
 
 def gated_residual_add_triton(

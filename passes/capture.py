@@ -173,6 +173,7 @@ def capture_block(block: torch.nn.Module, forward: Callable, args: tuple, kwargs
 
     graph_module = exported.graph_module
     remove_assertions(graph_module)
+    remove_layout_preserving_clones(graph_module)
     make_promotions_explicit(graph_module)
     return CapturedBlock(
         graph_module=graph_module,
@@ -192,6 +193,43 @@ def remove_assertions(graph_module: torch.fx.GraphModule) -> int:
             removed += 1
     graph_module.recompile()
     return removed
+
+
+def remove_layout_preserving_clones(graph_module: torch.fx.GraphModule) -> int:
+    """Erase clones that copy a tensor into the layout it already has; returns how many.
+
+    Eval-mode dropout exports as `aten.clone` where eager returns its input: in a diffusers
+    BasicTransformerBlock that is a full copy of the attention output and of the 4x-wide GELU
+    activation per block and step (measured on DiT-S/2: ~6 ms of a 315 ms forward). The exported
+    graph is functional, so such a copy changes nothing but time. Kept: clones of graph inputs and
+    clones the graph returns (their results must not alias an input), clones that change layout or
+    dtype, and clones a mutating op reads.
+    """
+    removed = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.clone.default:
+            continue
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node) or source.op == "placeholder" or node.kwargs:
+            continue
+        before, after = source.meta.get("val"), node.meta.get("val")
+        if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+            continue
+        if before.stride() != after.stride() or before.dtype != after.dtype:
+            continue
+        if any(user.op == "output" or _mutates(user) for user in node.users):
+            continue
+        node.replace_all_uses_with(source)
+        graph_module.graph.erase_node(node)
+        removed += 1
+    if removed:
+        graph_module.recompile()
+    return removed
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
 
 
 def make_promotions_explicit(graph_module: torch.fx.GraphModule) -> int:

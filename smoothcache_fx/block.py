@@ -128,6 +128,8 @@ class BlockState:
         self.last_call = call_id
         compute = {name: mask[runtime.step] for name, mask in entry.masks.items()}
         variant, run_graph = self._variant(entry, compute, tensors)
+        if runtime.compile_config.enabled:
+            tensors = _contiguous(tensors)
         if runtime.annotator is not None:  # only inside smoothcache_fx.profile(): ranges per branch
             run_graph = runtime.annotator(self.path, entry.shared, variant, tensors)
         caches = self._caches(block, variant)
@@ -210,7 +212,9 @@ class BlockState:
         masks = {}
         for component in branches.components:
             mask = schedule.mask_for(f"{self.path}.{component}")
-            if mask is not None:
+            # A branch that computes at every step is never read from a cache: left as the model
+            # wrote it, it costs nothing (no cache buffer, no cache write, the model's own add).
+            if mask is not None and (not all(mask) or self.runtime.record_branches):
                 masks[component] = tuple(bool(v) for v in mask)
         return _Capture(shared, masks, _state_owners(block, shared.captured.state_names))
 
@@ -252,6 +256,16 @@ class BlockState:
                 self.written.add(index)
             caches.append(getattr(block, f"{CACHE_BUFFER_PREFIX}{index}"))
         return caches
+
+
+def _contiguous(tensors):
+    """Compiled variants guard on input strides. A DiT's first block gets its hidden states from the
+    patch embedding in a transposed layout, every later block contiguous ones (the fused op returns
+    contiguous tensors, as the model's own `update + residual` does): one copy for the first block
+    keeps every block of a structure on one compiled graph per variant instead of two."""
+    if all(t.is_contiguous() for t in tensors):
+        return tensors
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
 def _state_owners(block: torch.nn.Module, names: tuple[str, ...]) -> tuple[tuple[dict, str], ...]:

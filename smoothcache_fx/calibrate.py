@@ -129,6 +129,7 @@ def calibrate(
         # One step is enough: under an all-compute schedule every call computes every branch, so
         # the runtime's clock may wrap at every call; generations are delimited here instead.
         transform(net, schedule, blocks=list(found))
+        net.smoothcache.record_branches = True  # all-compute: caches are written only when asked
         hooks.append(
             net.register_forward_pre_hook(partial(_before_call, boundaries, recorder), with_kwargs=True)
         )

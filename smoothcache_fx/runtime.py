@@ -48,6 +48,9 @@ class SmoothCacheRuntime:
         self.pipeline_calls: int | None = None
         # Set by smoothcache_fx.profile() only: returns each block's variant with profiler ranges.
         self.annotator = None
+        # Set by smoothcache_fx.calibrate() only: every scheduled branch writes its cache, even one
+        # the schedule never reuses, so that branch_outputs() sees it after each step.
+        self.record_branches = False
         self._validated = False
         self._hooks = [
             model.register_forward_pre_hook(self._before_model_call),
@@ -77,7 +80,8 @@ class SmoothCacheRuntime:
         self.reset()
 
     def branch_outputs(self) -> dict[str, list[torch.Tensor]]:
-        """Branch path -> its cache buffers (one per residual site), for scheduled branches.
+        """Branch path -> its cache buffers (one per residual site), for scheduled branches that
+        the schedule reuses at some step, or every scheduled branch with `record_branches`.
 
         After a model call these hold the branch outputs of the last step that computed them, so a
         forward hook on the model sees every scheduled branch's output of the step just run

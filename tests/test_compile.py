@@ -57,6 +57,36 @@ def test_compiled_generations_have_no_graph_breaks_or_recompiles(monkeypatch):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("components", [["attn1"], ["attn1", "ff"]])
+def test_first_block_layout_does_not_compile_variants_twice(components, monkeypatch):
+    """diffusers' DiT hands its first block a transposed hidden-state layout (patch embedding), later
+    blocks contiguous ones; even the warm-up generation compiles each variant exactly once."""
+    original = models.diffusers_dit(num_layers=3)
+    schedule = Schedule.uniform(6, 2, components)
+    eager = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+    compiled = smoothcache_fx.transform(copy.deepcopy(original), schedule, compile=True, backend="aot_eager")
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    got = run_steps(compiled, dit_call, 6)
+    assert counters["stats"]["unique_graphs"] == compiled.smoothcache.distinct_variants() == 2
+    for want, have in zip(run_steps(eager, dit_call, 6), got, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_always_computed_branches_keep_no_cache():
+    """A branch the schedule never reuses is left as the model wrote it: no cache, no cache write."""
+    schedule = Schedule.from_dict({"attn1": [1, 0, 1, 1], "ff": [1, 1, 1, 1]})
+    model = smoothcache_fx.transform(models.diffusers_dit(), schedule)
+    run_steps(model, dit_call, 4)
+    stats = model.smoothcache.stats
+    assert stats["transformer_blocks.0.ff"]["computed"] == 4
+    assert stats["transformer_blocks.0.ff"]["cache_bytes"] == 0
+    assert stats["transformer_blocks.0.attn1"]["cache_bytes"] > 0
+    assert set(model.smoothcache.branch_outputs()) == {
+        "transformer_blocks.0.attn1",
+        "transformer_blocks.1.attn1",
+    }
+
+
 def test_batch_size_change_compiles_each_variant_once_more():
     model = smoothcache_fx.transform(models.TinyDiT(), Schedule.uniform(4, 2, ["attn", "mlp"]), compile=True)
     run_steps(model, tiny_call, 4, batch=2)

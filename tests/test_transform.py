@@ -8,6 +8,7 @@ import models
 import pytest
 import torch
 from helpers import dit_call, pixart_call, run_steps, tiny_call
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import smoothcache_fx
@@ -32,6 +33,24 @@ def test_all_compute_schedule_equals_original(case):
         assert (want - have).abs().max().item() <= 1e-6, f"step {step}"
     for components_found in transformed.smoothcache.branches.values():
         assert components_found == components
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rewritten_compute_steps_equal_original(case):
+    """All-compute leaves never-reused branches as the model wrote them; here every branch is
+    rewritten into the fused op (FORA-3 reuses them later) and the steps that compute everything
+    (0 and 3) must still equal the original model exactly."""
+    make, call, components = CASES[case]
+    original = make()
+    transformed = smoothcache_fx.transform(copy.deepcopy(original), Schedule.uniform(4, 3, components))
+    expected = run_steps(original, call, 4)
+    got = run_steps(transformed, call, 4)
+    for step in (0, 3):
+        assert (expected[step] - got[step]).abs().max().item() <= 1e-6, f"step {step}"
+    assert not torch.equal(expected[1], got[1])  # step 1 reused every branch
+    for block in transformed.smoothcache.blocks.values():
+        for variant in block._smoothcache_state.current.variants.values():
+            assert variant.rewritten == len(components)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -250,3 +269,30 @@ def test_transform_docstring_example_runs():
     module = sys.modules["smoothcache_fx.transform"]  # the package attribute is the function
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+class _DropoutBlock(nn.Module):
+    """Eval-mode dropout (exported as a copy) on a branch, and a clone that changes the layout."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        x = x + self.drop(self.ff(x))
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def test_capture_drops_copies_that_keep_the_layout():
+    from smoothcache_fx.passes.capture import capture_block
+
+    block = _DropoutBlock().eval()
+    x = torch.randn(2, 5, 8)
+    captured = capture_block(block, type(block).forward, (x,), {})
+    clones = [n for n in captured.graph_module.graph.nodes if n.target is torch.ops.aten.clone.default]
+    assert len(clones) == 1 and clones[0].kwargs  # only the layout-changing `.contiguous()` is left
+    state = [dict(block.named_parameters())[name] for name in captured.state_names]
+    with torch.no_grad():
+        (out,) = captured.graph_module(*state, *captured.constants, x)
+        assert torch.equal(out, block(x)) and out.stride() == block(x).stride()
