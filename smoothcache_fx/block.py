@@ -7,6 +7,7 @@ graph: the variant is chosen in Python from the static schedule, so each variant
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -89,8 +90,8 @@ class BlockState:
         self.runtime = runtime
         self.captures: dict[CallSignature, _Capture] = {}
         self.current: _Capture | None = None
-        self.written: set[int] = set()
-        self.last_call: tuple[int, int] | None = None
+        self.written: set[tuple[int, int]] = set()  # (slot, site index) written this generation
+        self.last_call: tuple[int, int, int] | None = None
         self.computed: dict[str, int] = {}
         self.reused: dict[str, int] = {}
 
@@ -118,7 +119,7 @@ class BlockState:
         _check_grad_mode(block, self.path)
         signature, tensors = call_signature(args, kwargs)
         entry = self._entry_for(block, signature, args, kwargs)
-        call_id = (runtime.generation, runtime.step)
+        call_id = (runtime.generation, runtime.step, runtime.slot)
         if self.last_call == call_id:
             raise NotImplementedError(
                 f"block {self.path!r} ({self.original_class.__name__}) was called twice in one model "
@@ -169,7 +170,7 @@ class BlockState:
         conditional = entry.shared.conditional(tuple(entry.masks))
         table = getattr(block, SCHEDULE_BUFFER)
         flags = table.index_select(0, runtime.step_tensor()).squeeze(0)
-        caches = [getattr(block, f"{CACHE_BUFFER_PREFIX}{index}") for index in conditional.cache_indices]
+        caches = [getattr(block, cache_name(index, 0)) for index in conditional.cache_indices]
         state = [table[name] for table, name in entry.state_owners]
         flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *caches)
         return tree_unflatten(list(flat), entry.captured.out_spec)
@@ -178,7 +179,7 @@ class BlockState:
         current = self.current
         if current is not None and current.captured.signature == signature:
             return current
-        if current is not None and self.runtime.step != 0:
+        if current is not None and (self.runtime.step != 0 or self.runtime.slot != 0):
             change = current.captured.signature.describe_change(signature)
             raise RuntimeError(
                 f"block {self.path!r} changed its input in the middle of a generation (step "
@@ -192,7 +193,12 @@ class BlockState:
             self.captures[signature] = entry
         self.current = entry
         self.written.clear()
-        _allocate_caches(block, entry, static=self.runtime.compile_config.uses_cuda_graphs)
+        _allocate_caches(
+            block,
+            entry,
+            static=self.runtime.compile_config.uses_cuda_graphs,
+            slots=self.runtime.calls_per_step,
+        )
         if self.runtime.form == "graph":
             _register_schedule_table(block, entry, self.runtime.schedule.steps)
         return entry
@@ -243,18 +249,19 @@ class BlockState:
 
     def _caches(self, block, variant: SpecialisedBlock) -> list[torch.Tensor]:
         sites = self.current.branches.sites
+        slot = self.runtime.slot
         caches = []
         for site in variant.cache_sites:
             index = sites.index(site)
-            if site.component in variant.reused and index not in self.written:
+            if site.component in variant.reused and (slot, index) not in self.written:
                 raise RuntimeError(
                     f"block {self.path!r}: the schedule reuses {site.component!r} at step "
                     f"{self.runtime.step} before it was computed in this generation. Every scheduled "
                     "branch must compute at the first step of a generation."
                 )
             if site.component in variant.computed:
-                self.written.add(index)
-            caches.append(getattr(block, f"{CACHE_BUFFER_PREFIX}{index}"))
+                self.written.add((slot, index))
+            caches.append(getattr(block, cache_name(index, slot)))
         return caches
 
 
@@ -280,17 +287,23 @@ def _state_owners(block: torch.nn.Module, names: tuple[str, ...]) -> tuple[tuple
     return tuple(owners)
 
 
-def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = False) -> None:
-    """(Re)allocate one non-persistent buffer per site with the branch output's shape and dtype.
+def cache_name(index: int, slot: int) -> str:
+    """The buffer of site `index` for call `slot` of a step (slot 0 keeps the plain name)."""
+    return f"{CACHE_BUFFER_PREFIX}{index}" if slot == 0 else f"{CACHE_BUFFER_PREFIX}{index}_call{slot}"
+
+
+def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = False, slots: int = 1) -> None:
+    """(Re)allocate one non-persistent buffer per site and call slot with the branch output's shape
+    and dtype.
 
     Allocated outside inference mode so a cache created under `torch.inference_mode()` can still
     be written later under `torch.no_grad()`; written in place afterwards (static addresses).
     """
     nodes = {node.name: node for node in entry.captured.graph_module.graph.nodes}
     with torch.inference_mode(False), torch.no_grad():
-        for index, site in enumerate(entry.branches.sites):
-            value = nodes[site.branch].meta["val"]
-            name = f"{CACHE_BUFFER_PREFIX}{index}"
+        for index, slot in itertools.product(range(len(entry.branches.sites)), range(slots)):
+            value = nodes[entry.branches.sites[index].branch].meta["val"]
+            name = cache_name(index, slot)
             existing = getattr(block, name, None)
             if (
                 existing is not None

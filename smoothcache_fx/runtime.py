@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState
+from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState, cache_name
 from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.schedules import Schedule
 
@@ -32,9 +32,14 @@ class SmoothCacheRuntime:
         kernel: str,
         compile_config: CompileConfig | None = None,
         form: str = "variants",
+        calls_per_step: int = 1,
     ):
         self.model = model
         self.form = form
+        # Model calls per schedule step (unbatched classifier-free guidance: 2). Call `slot` of a
+        # step has caches of its own, so the unconditional call never reads the conditional one's.
+        self.calls_per_step = calls_per_step
+        self.slot = 0
         self.model_class = type(model).__name__
         self.schedule = schedule
         self.kernel = kernel
@@ -61,6 +66,7 @@ class SmoothCacheRuntime:
     def reset(self) -> None:
         """Start a new generation at step 0 on the next call; caches are overwritten, not freed."""
         self.step = 0
+        self.slot = 0
         if self.form == "graph":
             self.step_tensor().zero_()
         self.in_model_call = False
@@ -94,7 +100,7 @@ class SmoothCacheRuntime:
                 continue
             for index, site in enumerate(entry.branches.sites):
                 if site.component in entry.masks:
-                    tensor = getattr(block, f"{CACHE_BUFFER_PREFIX}{index}")
+                    tensor = getattr(block, cache_name(index, 0))
                     outputs.setdefault(f"{path}.{site.component}", []).append(tensor)
         return outputs
 
@@ -133,9 +139,10 @@ class SmoothCacheRuntime:
             sites = state.current.branches.sites
             for component in state.components:
                 nbytes = sum(
-                    getattr(block, f"{CACHE_BUFFER_PREFIX}{i}").nbytes
+                    getattr(block, cache_name(i, slot)).nbytes
                     for i, site in enumerate(sites)
                     if site.component == component and component in state.current.masks
+                    for slot in range(self.calls_per_step)
                 )
                 report[f"{path}.{component}"] = {
                     "computed": state.computed.get(component, 0),
@@ -180,16 +187,18 @@ class SmoothCacheRuntime:
         if self.in_model_call:  # the previous call raised half way: its generation is void
             self.reset()
         if self.pipeline_calls is not None:
-            if self.pipeline_calls >= self.schedule.steps:
+            if self.pipeline_calls >= self.schedule.steps * self.calls_per_step:
                 self.reset()
                 raise ValueError(
                     f"the pipeline called the model more than the schedule's {self.schedule.steps} "
-                    "steps in one generation; the schedule must have one entry per model call. Pass "
-                    f"num_inference_steps={self.schedule.steps} or use a schedule made for this step "
-                    "count (Schedule.uniform / Schedule.from_errors with steps=...)."
+                    f"steps x {self.calls_per_step} calls per step in one generation; the schedule "
+                    f"must have one entry per step. Pass num_inference_steps={self.schedule.steps} or "
+                    "use a schedule made for this step count (Schedule.uniform / Schedule.from_errors "
+                    "with steps=...); a pipeline that calls the model more than once per step (unbatched "
+                    "guidance) needs transform(..., calls_per_step=N)."
                 )
             self.pipeline_calls += 1
-        if self.step == 0:
+        if self.step == 0 and self.slot == 0:
             self.generation += 1
             for state in self._states():
                 state.reset()
@@ -203,6 +212,10 @@ class SmoothCacheRuntime:
         self.in_model_call = False
         if not self._validated:
             self._validate_branches()
+        self.slot += 1
+        if self.slot < self.calls_per_step:
+            return
+        self.slot = 0
         self.step += 1
         if self.step == self.schedule.steps:
             self.step = 0

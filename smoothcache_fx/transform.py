@@ -32,6 +32,7 @@ def transform(
     dynamic: bool | None = False,
     max_variants: int = DEFAULT_MAX_VARIANTS,
     form: str = "variants",
+    calls_per_step: int = 1,
 ):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
@@ -59,6 +60,11 @@ def transform(
             graph for every step (the step is a buffer advanced inside forward, the schedule a bool
             buffer, each component a `torch.cond`), for torch.export / AOTInductor and for
             `torch.compile(model, fullgraph=True)` of the whole model. Run one eager call first.
+        calls_per_step: model calls per schedule step, for samplers that call the model more than
+            once per denoising step with the same input shapes (unbatched classifier-free guidance:
+            Wan, Lumina2, Flux true CFG call it twice). Each call of a step gets caches of its own,
+            so a reused branch in the unconditional call reads the unconditional output. Variants
+            form only.
 
     Returns:
         The same object, transformed.
@@ -81,6 +87,13 @@ def transform(
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}.")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}; got {form!r}.")
+    if not isinstance(calls_per_step, int) or isinstance(calls_per_step, bool) or calls_per_step < 1:
+        raise ValueError(f"calls_per_step must be a positive int; got {calls_per_step!r}.")
+    if form == "graph" and calls_per_step != 1:
+        raise ValueError(
+            "form='graph' advances its step buffer once per model call; calls_per_step > 1 needs "
+            "form='variants', or batch the guidance calls into one model call per step."
+        )
     if form == "graph" and compile:
         raise ValueError(
             "form='graph' is compiled as one whole-model graph: call torch.compile(model, "
@@ -96,7 +109,7 @@ def transform(
         max_variants=max_variants,
     )
     if _is_pipeline(model):
-        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form)
+        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step)
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -108,7 +121,7 @@ def transform(
             f"{type(model).__name__} is already transformed by smoothcache_fx. To change the schedule "
             "call model.smoothcache.set_schedule(schedule) instead of transforming it again."
         )
-    _install(model, schedule, find_blocks(model, blocks), kernel, compile_config, form)
+    _install(model, schedule, find_blocks(model, blocks), kernel, compile_config, form, calls_per_step)
     return model
 
 
@@ -130,9 +143,15 @@ def untransform(model):
 
 
 def _install(
-    model, schedule: Schedule, found: dict, kernel: str, compile_config: CompileConfig, form: str
+    model,
+    schedule: Schedule,
+    found: dict,
+    kernel: str,
+    compile_config: CompileConfig,
+    form: str,
+    calls_per_step: int = 1,
 ) -> None:
-    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form)
+    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form, calls_per_step)
     for path, block in found.items():
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
@@ -249,7 +268,13 @@ def _is_pipeline(obj) -> bool:
 
 
 def _transform_pipeline(
-    pipe, schedule: Schedule, blocks, kernel: str, compile_config: CompileConfig, form: str
+    pipe,
+    schedule: Schedule,
+    blocks,
+    kernel: str,
+    compile_config: CompileConfig,
+    form: str,
+    calls_per_step: int = 1,
 ) -> None:
     if "smoothcache" in pipe.transformer.__dict__:
         raise RuntimeError(
@@ -257,7 +282,7 @@ def _transform_pipeline(
             "schedule call pipe.transformer.smoothcache.set_schedule(schedule)."
         )
     found = find_blocks(pipe.transformer, blocks)
-    _install(pipe.transformer, schedule, found, kernel, compile_config, form)
+    _install(pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step)
     pipe.__class__ = _pipeline_class(type(pipe))
 
 
@@ -275,12 +300,17 @@ def _pipeline_class(original: type) -> type:
                 calls = runtime.pipeline_calls
             finally:
                 runtime.pipeline_calls = None
-            if calls != runtime.schedule.steps:
+            expected = runtime.schedule.steps * runtime.calls_per_step
+            if calls != expected:
                 runtime.reset()
+                per_step = runtime.calls_per_step
                 raise ValueError(
                     f"the pipeline called the model {calls} times but the schedule has "
-                    f"{runtime.schedule.steps} steps; the schedule must have one entry per model call. "
-                    f"Pass num_inference_steps={runtime.schedule.steps} or use a schedule for {calls} steps."
+                    f"{runtime.schedule.steps} steps x {per_step} calls per step = {expected}; the "
+                    f"schedule must have one entry per step. Pass num_inference_steps="
+                    f"{runtime.schedule.steps}, use a schedule for {calls // per_step} steps, or, if "
+                    "the pipeline calls the model several times per step, transform(..., "
+                    "calls_per_step=N)."
                 )
             return output
 

@@ -206,6 +206,19 @@ def test_op_on_cpu_is_bit_identical_to_eager(case, dtype):
     assert torch.equal(gated_residual_add_reference(residual, branch, gate), out)
 
 
+def test_op_and_reference_return_contiguous_results_for_a_transposed_residual():
+    """As the Triton kernel: a transposed residual (a DiT's patch embedding output) must not hand
+    its layout to every later block."""
+    residual = torch.randn(2, 16, 7).transpose(1, 2)
+    branch, gate = torch.randn(2, 7, 16), torch.randn(2, 1, 16)
+    for out in (
+        OP(residual, branch, gate, torch.empty_like(branch)),
+        gated_residual_add_reference(residual, branch, gate),
+    ):
+        assert out.is_contiguous()
+        assert torch.equal(out, residual + gate * branch)
+
+
 def test_decomposed_matches_reference():
     residual, branch, gate = _inputs((2, 7, 16), (2, 1, 16), torch.float32, device="cpu")
     cache = torch.zeros_like(branch)

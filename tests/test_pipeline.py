@@ -73,3 +73,56 @@ def test_pipeline_step_count_must_match_the_schedule(pipelines, steps):
     ):
         _generate(pipe, steps)
     _generate(pipe)  # the runtime is usable again afterwards
+
+
+def _unbatched_guidance_loop(cond_model, uncond_model, steps: int, scale: float = 3.0):
+    """DDIM with classifier-free guidance as two model calls per step (as Wan and Lumina2 do)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond, null = torch.tensor([1, 7]), torch.tensor([0, 0])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            timestep = t.expand(2)
+            eps_cond = cond_model(x, timestep=timestep, class_labels=cond).sample[:, :4]
+            eps_null = uncond_model(x, timestep=timestep, class_labels=null).sample[:, :4]
+            x = scheduler.step(eps_null + scale * (eps_cond - eps_null), t, x).prev_sample
+    return x
+
+
+def test_two_calls_per_step_keep_a_cache_per_call():
+    """calls_per_step=2 equals two independently transformed models, one per call of the step: the
+    unconditional call never reads the conditional call's cache."""
+    steps = 6
+    schedule = Schedule.from_dict({"attn1": [1, 0, 1, 0, 0, 1], "ff": [1, 1, 0, 1, 0, 1]})
+    original = models.diffusers_dit()
+    model = smoothcache_fx.transform(copy.deepcopy(original), schedule, calls_per_step=2)
+    cond_model = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+    uncond_model = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+
+    got = _unbatched_guidance_loop(model, model, steps)
+    want = _unbatched_guidance_loop(cond_model, uncond_model, steps)
+    assert torch.equal(got, want)
+    assert model.smoothcache.step == 0 and model.smoothcache.slot == 0  # a whole generation ran
+    assert model.smoothcache.stats["transformer_blocks.0.attn1"] == {
+        "computed": 6,  # 3 steps x 2 calls
+        "reused": 6,
+        "cache_bytes": 2 * cond_model.smoothcache.stats["transformer_blocks.0.attn1"]["cache_bytes"],
+    }
+    assert not torch.equal(_unbatched_guidance_loop(original, original, steps), want)  # it reused
+
+
+def test_calls_per_step_arguments_and_pipeline_count():
+    with pytest.raises(ValueError, match="calls_per_step must be a positive int"):
+        smoothcache_fx.transform(models.diffusers_dit(), Schedule.uniform(4, 2, ["attn1"]), calls_per_step=0)
+    with pytest.raises(ValueError, match="calls_per_step > 1 needs form='variants'"):
+        smoothcache_fx.transform(
+            models.diffusers_dit(), Schedule.uniform(4, 2, ["attn1"]), form="graph", calls_per_step=2
+        )
+    pipe = smoothcache_fx.transform(
+        models.dit_pipeline(), Schedule.uniform(STEPS, 2, ["attn1"]), calls_per_step=2
+    )
+    with pytest.raises(ValueError, match=rf"{STEPS} steps x 2 calls per step"):
+        _generate(pipe)  # DiTPipeline batches its guidance: one call per step
