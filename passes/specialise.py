@@ -21,6 +21,7 @@ from torch.fx import GraphModule, Node
 
 import smoothcache_fx.kernels  # noqa: F401  (registers torch.ops.smoothcache_fx.gated_residual_add)
 from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
+from smoothcache_fx.passes.narrow import narrow_partial_linears
 
 GATED_RESIDUAL_ADD = torch.ops.smoothcache_fx.gated_residual_add.default
 KERNELS = ("op", "inductor")
@@ -88,6 +89,9 @@ def specialise_block(
     # Seeded-random ops (sdpa carries that tag for its dropout) count as pure here: the graphs are
     # inference graphs, and keeping them would keep every skipped attention alive.
     graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
+    # What stays of an adaLN modulation linear whose shift/scale chunks died with their branches.
+    if narrow_partial_linears(graph):
+        graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
     graph.lint()
     gm.recompile()
     return SpecialisedBlock(

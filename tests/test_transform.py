@@ -296,3 +296,34 @@ def test_capture_drops_copies_that_keep_the_layout():
     with torch.no_grad():
         (out,) = captured.graph_module(*state, *captured.constants, x)
         assert torch.equal(out, block(x)) and out.stride() == block(x).stride()
+
+
+def test_reused_step_reads_only_the_gates_of_the_modulation_linear():
+    """adaLN-Zero computes six modulations in one linear; a step that reuses both branches reads
+    only the two gates (two linears over 1/6 of the rows each), one reusing attn1 only reads
+    chunks 2-5 with one linear."""
+    schedule = Schedule.from_dict({"attn1": [1, 0, 0], "ff": [1, 0, 1]})
+    model = smoothcache_fx.transform(models.diffusers_dit(), schedule)
+    expected = run_steps(models.diffusers_dit(), dit_call, 3)
+    run_steps(model, dit_call, 3)
+    variants = model.transformer_blocks[0]._smoothcache_state.current.variants
+    dim = model.transformer_blocks[0].norm1.linear.in_features
+
+    def modulation_rows(compute):
+        graph = variants[tuple(compute.items())].graph_module.graph
+        rows = []
+        for node in graph.nodes:
+            if node.target is not torch.ops.aten.linear.default:
+                continue
+            weight = node.args[1]
+            if weight.target is torch.ops.aten.slice.Tensor:  # narrowed: rows of the full weight
+                weight = weight.args[0]
+            if "norm1_linear_weight" in weight.name:
+                rows.append(node.meta["val"].shape[-1])
+        return rows
+
+    assert modulation_rows({"attn1": True, "ff": True}) == [6 * dim]
+    assert modulation_rows({"attn1": False, "ff": False}) == [dim, dim]
+    assert modulation_rows({"attn1": False, "ff": True}) == [4 * dim]
+    got = run_steps(model, dit_call, 1)  # step 0 of a new generation computes everything
+    assert torch.equal(got[0], expected[0])
