@@ -22,12 +22,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DDIM_STEPS = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _errors(curves: dict, steps: int, flops: dict | None = None, total_flops: int = 0, **kwargs):

@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from smoothcache_fx.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -72,47 +65,20 @@ def test_unwritable_output_folder(tmp_path, capsys):
     assert "--out must be a writable folder" in capsys.readouterr().err
 
 
+def _demo_with_schedule(tmp_path, masks: dict) -> int:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(masks))
+    args = ["demo", "--steps", "4", "--per-class", "1", "--schedule", str(path), "--out", str(tmp_path / "o")]
+    return main(args)
+
+
 def test_schedule_file_for_another_model(tmp_path, capsys):
-    path = tmp_path / "dit_xl.json"
-    path.write_text(json.dumps({"attn": [1, 0, 1, 1], "mlp": [1, 0, 1, 1]}))
-    assert (
-        main(
-            [
-                "demo",
-                "--steps",
-                "4",
-                "--per-class",
-                "1",
-                "--schedule",
-                str(path),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert _demo_with_schedule(tmp_path, {"attn": [1, 0, 1, 1], "mlp": [1, 0, 1, 1]}) == 2
     assert "match no branch of the demo DiT" in capsys.readouterr().err
 
 
 def test_schedule_file_with_another_step_count(tmp_path, capsys):
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps({"attn1": [1, 0, 1], "ff": [1, 1, 1]}))
-    assert (
-        main(
-            [
-                "demo",
-                "--steps",
-                "4",
-                "--per-class",
-                "1",
-                "--schedule",
-                str(path),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert _demo_with_schedule(tmp_path, {"attn1": [1, 0, 1], "ff": [1, 1, 1]}) == 2
     assert "Pass --steps 3" in capsys.readouterr().err
 
 
