@@ -6,12 +6,11 @@ the package so scoring needs only torch at run time (scikit-learn is needed for 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-WEIGHTS_DIR = Path(__file__).resolve().parent
+from smoothcache_fx.demo.weights import load_shipped_weights
+
 CLASSIFIER_WEIGHTS = "digits_classifier.safetensors"
 
 
@@ -37,16 +36,7 @@ class DigitsClassifier(nn.Module):
 
 def load_digits_classifier(device: str | torch.device = "cpu") -> DigitsClassifier:
     """Returns the shipped classifier in eval mode."""
-    from safetensors.torch import load_file
-
-    path = WEIGHTS_DIR / CLASSIFIER_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"classifier weights must exist at {path}; got no file. Run "
-            "`python -m smoothcache_fx.demo.train` to write them."
-        )
-    model = DigitsClassifier()
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    model = load_shipped_weights(DigitsClassifier(), CLASSIFIER_WEIGHTS, "classifier")
     return model.to(device).eval()
 
 

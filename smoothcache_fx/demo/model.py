@@ -10,12 +10,12 @@ shipped digits classifier (`classifier.py`) scores whether caching kept samples 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-WEIGHTS_DIR = Path(__file__).resolve().parent
+from smoothcache_fx.demo.weights import WEIGHTS_DIR, load_shipped_weights
+
 DIT_WEIGHTS = "dit_digits.safetensors"
 DIT_INFO = "dit_digits.json"
 
@@ -67,16 +67,7 @@ def load_demo_model(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     Eval mode matters beyond style: in training mode diffusers' LabelEmbedding randomly replaces
     labels by the null class, so a model left in train mode would ignore its class 10% of the time.
     """
-    from safetensors.torch import load_file
-
-    path = WEIGHTS_DIR / DIT_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"demo weights must exist at {path}; got no file. Run `python -m smoothcache_fx.demo.train` "
-            "to write them, or reinstall the package with its package_data."
-        )
-    model = build_demo_model()
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    model = load_shipped_weights(build_demo_model(), DIT_WEIGHTS, "demo")
     model.to(device)
     if dtype != torch.float32:  # diffusers warns on any .to(dtype=...), even a no-op one
         model.to(dtype)
