@@ -2,6 +2,7 @@
 
 from smoothcache_fx.kernels.gated_residual_add import (
     gated_residual_add,
+    gated_residual_add_and_cache,
     gated_residual_add_decomposed,
     gated_residual_add_reference,
     gated_residual_add_triton,
@@ -9,6 +10,7 @@ from smoothcache_fx.kernels.gated_residual_add import (
 
 __all__ = [
     "gated_residual_add",
+    "gated_residual_add_and_cache",
     "gated_residual_add_decomposed",
     "gated_residual_add_reference",
     "gated_residual_add_triton",

@@ -1,19 +1,31 @@
 """The fused gated residual add that every rewritten residual branch runs through.
 
-`out = residual + gate * branch`, and when `cache` is given, `branch` is written into `cache` in the
-same pass. A reused branch calls the same op with the cache as `branch` and no cache to write.
-Registered as `torch.ops.smoothcache_fx.gated_residual_add` with `cache` in `mutates_args`, so
-torch.compile and torch.export see one op that writes the cache buffer in place.
+Two ops, one per path of a rewritten branch, so that no op has a mutated argument that may be None:
 
-Three things live here side by side, by role:
+- `smoothcache_fx::gated_residual_add(residual, branch, gate=None)`: `residual + gate * branch`.
+  The reuse path, where `branch` is the cache buffer. Pure.
+- `smoothcache_fx::gated_residual_add_and_cache(residual, branch, gate, cache)`: the same, and
+  `branch` written into `cache` in the same pass. The compute path; `cache` is required and is the
+  op's only mutated argument.
+
+A mutated argument that may be None breaks Inductor: functionalization turns a call with
+`cache=None` into `auto_functionalized_v2` with no bases, whose decomposition leaves a
+`getitem` that lowering rejects ("<built-in function getitem> is not an OpOverload"). With two ops
+both paths compile with Inductor, with and without triton installed.
+
+Both are registered once, with `torch.library.triton_op`, whether or not triton can be imported:
+torch.compile traces a triton_op's body instead of treating it as opaque, so on CPU Inductor fuses
+the reference's plain ops into its own C++ loop and on CUDA it sees (and can CUDA-graph) the kernel
+launch; torch.export keeps the ops as they are. Without triton the body takes the reference on
+every device.
+
+By role, side by side:
 
 - `_gated_residual_add_kernel`: the Triton kernel. One read of `residual`, `branch` and the (small)
   `gate`, one write of `out` and, when caching, one write of `cache`: 3 reads + 2 writes instead of
   the 4 reads + 3 writes of eager's mul, add and copy_.
-- `gated_residual_add`: the op. A `torch.library.triton_op` when triton can be imported, so that
-  torch.compile traces into it and Inductor sees (and can CUDA-graph) the kernel launch; a plain
-  `torch.library.custom_op` with the same name and schema when it cannot. CPU tensors always take
-  the reference path; CUDA tensors launch the kernel.
+- `gated_residual_add`, `gated_residual_add_and_cache`: the ops (launchers). CPU tensors take the
+  reference path; CUDA tensors launch the kernel.
 - `gated_residual_add_reference`: the plain-PyTorch oracle the tests and benchmarks compare against.
 
 Numerics: the kernel computes in fp32 and rounds once to the output dtype. Eager rounds twice
@@ -31,7 +43,10 @@ import os
 
 import torch
 
+from smoothcache_fx.kernels.compat import quiet_missing_triton
+
 OP_NAME = "smoothcache_fx::gated_residual_add"
+AND_CACHE_OP_NAME = "smoothcache_fx::gated_residual_add_and_cache"
 
 # torch 2.13.0's CUDA wheel pins triton==3.7.1 (its Requires-Dist); torch's CPU wheel has no triton.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -306,45 +321,39 @@ if HAS_TRITON:
         )
         return out
 
-    @torch.library.triton_op(OP_NAME, mutates_args={"cache"})
-    def gated_residual_add(
-        residual: torch.Tensor,
-        branch: torch.Tensor,
-        gate: torch.Tensor | None = None,
-        cache: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`residual + gate * branch`, writing `branch` into `cache` when one is given.
 
-        The device check lives in the body, not in `register_kernel("cpu")`: torch.compile traces a
-        triton_op's body for every device, so a CPU-only machine would otherwise trace the kernel
-        launch and fail for want of a GPU driver. The body doubles as the fake (meta) kernel.
-        """
-        _check_inputs(residual, branch, gate, cache)
-        if residual.device.type != "cuda" or residual.dtype not in KERNEL_DTYPES:
-            return gated_residual_add_reference(residual, branch, gate, cache)
+def _gated_residual_add_body(
+    residual: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor | None,
+    cache: torch.Tensor | None,
+) -> torch.Tensor:
+    """Both ops' body: the kernel for CUDA tensors of a kernel dtype when triton is there, else the
+    reference. The device check lives here, not in `register_kernel("cpu")`: torch.compile traces a
+    triton_op's body for every device, so a CPU-only machine would otherwise trace the kernel launch
+    and fail for want of a GPU driver. The body doubles as the fake (meta) kernel."""
+    _check_inputs(residual, branch, gate, cache)
+    if HAS_TRITON and residual.device.type == "cuda" and residual.dtype in KERNEL_DTYPES:
         return _launch(residual, branch, gate, cache)
+    return gated_residual_add_reference(residual, branch, gate, cache)
 
-else:
 
-    @torch.library.custom_op(OP_NAME, mutates_args={"cache"})
+with quiet_missing_triton():
+
+    @torch.library.triton_op(OP_NAME, mutates_args=())
     def gated_residual_add(
-        residual: torch.Tensor,
-        branch: torch.Tensor,
-        gate: torch.Tensor | None = None,
-        cache: torch.Tensor | None = None,
+        residual: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`residual + gate * branch`, writing `branch` into `cache` when one is given.
+        """`residual + gate * branch` in one pass: the reuse path, where `branch` is a cache."""
+        return _gated_residual_add_body(residual, branch, gate, None)
 
-        Without triton the op is the reference on every device, opaque to torch.compile; same name
-        and schema as the triton_op, so graphs the pass emitted run unchanged.
-        """
-        _check_inputs(residual, branch, gate, cache)
-        return gated_residual_add_reference(residual, branch, gate, cache)
-
-    @gated_residual_add.register_fake
-    def _gated_residual_add_fake(residual, branch, gate=None, cache=None):
-        _check_inputs(residual, branch, gate, cache)
-        return gated_residual_add_reference(residual, branch, gate)
+    @torch.library.triton_op(AND_CACHE_OP_NAME, mutates_args={"cache"})
+    def gated_residual_add_and_cache(
+        residual: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor
+    ) -> torch.Tensor:
+        """`residual + gate * branch`, writing `branch` into `cache` in the same pass: the compute
+        path. `cache` is required: the op's only mutated argument is never None."""
+        return _gated_residual_add_body(residual, branch, gate, cache)
 
 
 def gated_residual_add_triton(

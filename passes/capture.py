@@ -22,6 +22,8 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from smoothcache_fx.kernels.compat import export_functional
+
 # Root attribute under which the block sits inside the export wrapper; stripped from every path.
 BLOCK_PREFIX = "block."
 
@@ -144,8 +146,7 @@ def capture_block(block: torch.nn.Module, forward: Callable, args: tuple, kwargs
     leaves, in_spec = tree_flatten((args, kwargs))
     root = _FlatCall(block, forward, leaves, in_spec)
     with torch.no_grad():
-        exported = torch.export.export(root, tuple(tensors), strict=False)
-        exported = exported.run_decompositions({})
+        exported, out_spec = export_functional(root, tuple(tensors))
 
     for spec in exported.graph_signature.output_specs:
         if spec.kind != OutputKind.USER_OUTPUT:
@@ -180,7 +181,7 @@ def capture_block(block: torch.nn.Module, forward: Callable, args: tuple, kwargs
         state_names=tuple(state_names),
         constants=tuple(constants),
         signature=signature,
-        out_spec=exported.call_spec.out_spec,
+        out_spec=out_spec,
     )
 
 

@@ -3,7 +3,8 @@
 For deployment through torch.export / AOTInductor, where no Python can pick a variant per step,
 each scheduled component's exclusive work (what dead-code elimination would remove when it is
 reused) moves into the true branch of a `cond`; the false branch returns a copy of the cache.
-The fused `gated_residual_add` stays outside the `cond` (a mutating op cannot sit inside one) and
+The fused `gated_residual_add_and_cache` stays outside the `cond` (a mutating op cannot sit inside
+one) and
 writes the chosen value back into the cache every step, so the cache always holds the branch value
 the block used.
 
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-import smoothcache_fx.kernels  # noqa: F401  (registers torch.ops.smoothcache_fx.gated_residual_add)
+import smoothcache_fx.kernels  # noqa: F401  (registers the torch.ops.smoothcache_fx ops)
 from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
 
-GATED_RESIDUAL_ADD = torch.ops.smoothcache_fx.gated_residual_add.default
+GATED_RESIDUAL_ADD_AND_CACHE = torch.ops.smoothcache_fx.gated_residual_add_and_cache.default
 COND = torch.ops.higher_order.cond
 
 
@@ -195,7 +196,7 @@ def _fuse(graph: Graph, nodes: dict, site: ResidualSite, value: Node, cache: Nod
     add = nodes[site.add]
     gate = None if site.gate is None else nodes[site.gate]
     with graph.inserting_before(add):
-        fused = graph.call_function(GATED_RESIDUAL_ADD, (nodes[site.residual], value, gate, cache))
+        fused = graph.call_function(GATED_RESIDUAL_ADD_AND_CACHE, (nodes[site.residual], value, gate, cache))
     fused.meta = copy.copy(add.meta)
     add.replace_all_uses_with(fused)
     graph.erase_node(add)

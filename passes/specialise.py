@@ -1,11 +1,11 @@
 """Specialise a captured block for one compute mask over its components.
 
 For each scheduled residual site:
-- computed: `add(residual, mul(gate, X))` becomes `gated_residual_add(residual, X, gate, cache)`,
-  which also writes X into the site's persistent cache buffer;
+- computed: `add(residual, mul(gate, X))` becomes `gated_residual_add_and_cache(residual, X, gate,
+  cache)`, which also writes X into the site's persistent cache buffer;
 - reused: X is replaced by a read of the cache buffer, the add becomes
-  `gated_residual_add(residual, cache, gate, None)`, and dead-code elimination removes everything
-  that only X needed (the module itself, its norm and modulate work).
+  `gated_residual_add(residual, cache, gate)`, and dead-code elimination removes everything that
+  only X needed (the module itself, its norm and modulate work).
 Cache buffers enter the graph as extra placeholders after the call's tensors, one per scheduled site,
 in `SpecialisedBlock.cache_sites` order. Components absent from the mask are left untouched.
 """
@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-import smoothcache_fx.kernels  # noqa: F401  (registers torch.ops.smoothcache_fx.gated_residual_add)
+import smoothcache_fx.kernels  # noqa: F401  (registers the torch.ops.smoothcache_fx ops)
 from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
 from smoothcache_fx.passes.narrow import narrow_partial_linears
 
 GATED_RESIDUAL_ADD = torch.ops.smoothcache_fx.gated_residual_add.default
+GATED_RESIDUAL_ADD_AND_CACHE = torch.ops.smoothcache_fx.gated_residual_add_and_cache.default
 KERNELS = ("op", "inductor")
 
 
@@ -59,8 +60,9 @@ def specialise_block(
         graph_module: a captured block graph (see `passes.capture`).
         branches: its residual sites (see `passes.branches`).
         compute: the scheduled components and whether each computes; others are left as they are.
-        kernel: "op" emits the fused `smoothcache_fx::gated_residual_add`; "inductor" emits plain
-            torch ops (mul, add, copy_) so inductor generates its own fusion.
+        kernel: "op" emits the fused ops (`smoothcache_fx::gated_residual_add_and_cache` where a
+            branch computes, `smoothcache_fx::gated_residual_add` where it is reused); "inductor"
+            emits plain torch ops (mul, add, copy_) so inductor generates its own fusion.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}.")
@@ -121,10 +123,12 @@ def _rewrite_site(graph, nodes: dict, site: ResidualSite, cache: Node, computes:
         branch = cache
     with graph.inserting_before(add):
         written = cache if computes else None
-        if kernel == "op":
-            fused = graph.call_function(GATED_RESIDUAL_ADD, (residual, branch, gate, written))
-        else:
+        if kernel == "inductor":
             fused = _emit_decomposed(graph, residual, branch, gate, written)
+        elif computes:
+            fused = graph.call_function(GATED_RESIDUAL_ADD_AND_CACHE, (residual, branch, gate, cache))
+        else:
+            fused = graph.call_function(GATED_RESIDUAL_ADD, (residual, branch, gate))
     fused.meta = copy.copy(add.meta)
     add.replace_all_uses_with(fused)
     graph.erase_node(add)

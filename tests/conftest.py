@@ -8,6 +8,7 @@ kernels: torch.compile on CPU still uses Inductor's C++ backend. `setdefault` le
 either mode from the environment.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -25,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def forbid_recompiles():
+    """Call it to make every dynamo recompile an error for the rest of the test.
+
+    torch's own `config.patch`, not `monkeypatch.setattr`: pytest 9.2's monkeypatch records the old
+    value from the module's `__dict__`, where torch's config module keeps none, so undoing the patch
+    deletes the config entry and every later test that reads it fails.
+    """
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))

@@ -31,7 +31,7 @@ def _schedule():
     return Schedule.from_dict({"attn": attn, "mlp": mlp})
 
 
-def test_compiled_generations_have_no_graph_breaks_or_recompiles(monkeypatch):
+def test_compiled_generations_have_no_graph_breaks_or_recompiles(forbid_recompiles):
     original = models.TinyDiT(depth=3)
     eager = smoothcache_fx.transform(copy.deepcopy(original), _schedule())
     compiled = smoothcache_fx.transform(copy.deepcopy(original), _schedule(), compile=True)
@@ -44,7 +44,7 @@ def test_compiled_generations_have_no_graph_breaks_or_recompiles(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 3
     assert not counters["graph_break"]
 
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    forbid_recompiles()
     counters.clear()
     for _ in range(2):
         again = run_steps(compiled, tiny_call, STEPS)
@@ -58,14 +58,14 @@ def test_compiled_generations_have_no_graph_breaks_or_recompiles(monkeypatch):
 
 
 @pytest.mark.parametrize("components", [["attn1"], ["attn1", "ff"]])
-def test_first_block_layout_does_not_compile_variants_twice(components, monkeypatch):
+def test_first_block_layout_does_not_compile_variants_twice(components, forbid_recompiles):
     """diffusers' DiT hands its first block a transposed hidden-state layout (patch embedding), later
     blocks contiguous ones; even the warm-up generation compiles each variant exactly once."""
     original = models.diffusers_dit(num_layers=3)
     schedule = Schedule.uniform(6, 2, components)
     eager = smoothcache_fx.transform(copy.deepcopy(original), schedule)
     compiled = smoothcache_fx.transform(copy.deepcopy(original), schedule, compile=True, backend="aot_eager")
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    forbid_recompiles()
     got = run_steps(compiled, dit_call, 6)
     assert counters["stats"]["unique_graphs"] == compiled.smoothcache.distinct_variants() == 2
     for want, have in zip(run_steps(eager, dit_call, 6), got, strict=True):
@@ -161,7 +161,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA g
 
 @requires_cuda
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_cuda_compiled_variants_match_eager(mode, monkeypatch):
+def test_cuda_compiled_variants_match_eager(mode, forbid_recompiles):
     """On CUDA the fused op is the Triton kernel; with CUDA graphs the static cache buffers are
     written in place by the replayed graphs, generation after generation."""
     original = models.TinyDiT(depth=3).cuda()
@@ -174,7 +174,7 @@ def test_cuda_compiled_variants_match_eager(mode, monkeypatch):
 
     expected = run_steps(eager, call, STEPS)
     run_steps(compiled, call, STEPS)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    forbid_recompiles()
     for _ in range(2):
         got = run_steps(compiled, call, STEPS)
         for want, have in zip(expected, got, strict=True):

@@ -69,13 +69,13 @@ def test_graph_form_exports_and_runs_a_full_loop_from_the_exported_program():
     assert "transformer_blocks.1.smoothcache_cache_1" in mutated
 
 
-def test_graph_form_compiles_to_one_graph_without_recompiles(monkeypatch):
+def test_graph_form_compiles_to_one_graph_without_recompiles(forbid_recompiles):
     variants, graph = _pair(models.TinyDiT, Schedule.uniform(STEPS, 2, ["attn", "mlp"]))
     expected = run_steps(variants, tiny_call, STEPS)
     run_steps(graph, tiny_call, 1)
     graph.smoothcache.reset()
     compiled = torch.compile(graph, fullgraph=True)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    forbid_recompiles()
     for _ in range(2):
         got = run_steps(compiled, tiny_call, STEPS)
         for want, have in zip(expected, got, strict=True):

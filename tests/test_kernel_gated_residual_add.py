@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from smoothcache_fx.kernels import (
     gated_residual_add,
+    gated_residual_add_and_cache,
     gated_residual_add_decomposed,
     gated_residual_add_reference,
     gated_residual_add_triton,
@@ -26,6 +27,7 @@ from smoothcache_fx.kernels import (
 # `smoothcache_fx.kernels.gated_residual_add` as an attribute is the op; the module is in sys.modules.
 KERNEL_MODULE = importlib.import_module("smoothcache_fx.kernels.gated_residual_add")
 OP = torch.ops.smoothcache_fx.gated_residual_add
+AND_CACHE_OP = torch.ops.smoothcache_fx.gated_residual_add_and_cache
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -80,6 +82,13 @@ def _eager(residual, branch, gate):
 def _exact(residual, branch, gate):
     update = branch.double() if gate is None else gate.double() * branch.double()
     return (residual.double() + update).to(residual.dtype)
+
+
+def _fused(residual, branch, gate=None, cache=None):
+    """The op a rewritten site runs: the cache-writing op where a cache is given, else the pure one."""
+    if cache is None:
+        return OP(residual, branch, gate)
+    return AND_CACHE_OP(residual, branch, gate, cache)
 
 
 def _assert_fresh(out, *inputs):
@@ -197,7 +206,7 @@ def test_op_on_cpu_is_bit_identical_to_eager(case, dtype):
     residual, branch, gate = _inputs(shape, gate_shape, dtype, device="cpu")
     cache = torch.empty_like(branch)
 
-    out = OP(residual, branch, gate, cache)
+    out = AND_CACHE_OP(residual, branch, gate, cache)
 
     assert torch.equal(out, _eager(residual, branch, gate))
     assert torch.equal(cache, branch)
@@ -212,7 +221,8 @@ def test_op_and_reference_return_contiguous_results_for_a_transposed_residual():
     residual = torch.randn(2, 16, 7).transpose(1, 2)
     branch, gate = torch.randn(2, 7, 16), torch.randn(2, 1, 16)
     for out in (
-        OP(residual, branch, gate, torch.empty_like(branch)),
+        AND_CACHE_OP(residual, branch, gate, torch.empty_like(branch)),
+        OP(residual, branch, gate),
         gated_residual_add_reference(residual, branch, gate),
     ):
         assert out.is_contiguous()
@@ -237,13 +247,15 @@ def test_decomposed_matches_reference():
 )
 def test_opcheck_cpu(gate_shape, with_cache, shape):
     residual, branch, gate = _inputs(shape, gate_shape, torch.float32, device="cpu")
-    cache = torch.zeros_like(branch) if with_cache else None
-    torch.library.opcheck(OP, (residual, branch, gate, cache))
+    if with_cache:
+        torch.library.opcheck(AND_CACHE_OP, (residual, branch, gate, torch.zeros_like(branch)))
+    else:
+        torch.library.opcheck(OP, (residual, branch, gate))
 
 
 def _block(x, branch, gate, cache, reuse_cache):
     """A compiled step: one computed branch writing its cache, one reused branch reading another."""
-    x = gated_residual_add(x, branch, gate, cache)
+    x = gated_residual_add_and_cache(x, branch, gate, cache)
     return gated_residual_add(x, reuse_cache, gate) * 2
 
 
@@ -327,11 +339,11 @@ VALIDATION_CASES = {
 def _run_fake(*args):
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fakes = [None if t is None else mode.from_tensor(t) for t in args]
-        return OP(*fakes)
+        return _fused(*fakes)
 
 
 PATHS = {
-    "op": OP,
+    "op": _fused,
     "fake": _run_fake,
     "triton": pytest.param(
         gated_residual_add_triton,
@@ -359,12 +371,15 @@ def test_module_imports_and_op_works_without_triton():
         import smoothcache_fx.kernels
         module = importlib.import_module("smoothcache_fx.kernels.gated_residual_add")
         assert not module.HAS_TRITON
-        op = torch.ops.smoothcache_fx.gated_residual_add
+        op = torch.ops.smoothcache_fx.gated_residual_add_and_cache
         residual, branch, gate = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 1, 8)
         cache = torch.zeros_like(branch)
         assert torch.equal(op(residual, branch, gate, cache), residual + gate * branch)
         assert torch.equal(cache, branch)
         torch.library.opcheck(op, (residual, branch, gate, cache))
+        reuse = torch.ops.smoothcache_fx.gated_residual_add
+        assert torch.equal(reuse(residual, cache, gate), residual + gate * branch)
+        torch.library.opcheck(reuse, (residual, cache, gate))
         try:
             smoothcache_fx.kernels.gated_residual_add_triton(residual, branch)
         except ModuleNotFoundError as error:
@@ -401,15 +416,20 @@ def test_cuda_path_traces_to_the_kernel_without_a_gpu():
         triton.runtime.driver.set_active(TargetOnlyDriver())
         import smoothcache_fx.kernels
 
-        class Step(torch.nn.Module):
+        class Compute(torch.nn.Module):
             def forward(self, residual, branch, gate, cache):
-                return (torch.ops.smoothcache_fx.gated_residual_add(residual, branch, gate, cache),)
+                return (torch.ops.smoothcache_fx.gated_residual_add_and_cache(residual, branch, gate, cache),)
+
+        class Reuse(torch.nn.Module):
+            def forward(self, residual, cache, gate):
+                return (torch.ops.smoothcache_fx.gated_residual_add(residual, cache, gate),)
 
         for with_cache in (True, False):
             with FakeTensorMode():
                 empty = lambda *shape: torch.empty(*shape, device="cuda", dtype=torch.float16)
-                args = (empty(2, 5, 8), empty(2, 5, 8), empty(2, 1, 8), empty(2, 5, 8) if with_cache else None)
-                graph, _ = aot_export_module(Step(), args, trace_joint=False)
+                args = (empty(2, 5, 8), empty(2, 5, 8), empty(2, 1, 8))
+                step = Compute() if with_cache else Reuse()
+                graph, _ = aot_export_module(step, args + ((empty(2, 5, 8),) if with_cache else ()), trace_joint=False)
             hops = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
             assert len(hops) == 1, graph.code
             expected = ["out_ptr", "cache_ptr"] if with_cache else ["out_ptr"]
@@ -472,8 +492,9 @@ def test_kernel_compiles_to_vectorized_ptx_without_a_gpu():
 def test_cuda_op_launches_kernel(dtype):
     residual, branch, gate = _inputs((2, 257, 1152), (2, 1, 1152), dtype, device="cuda")
     cache = torch.empty_like(branch)
-    out = OP(residual, branch, gate, cache)
+    out = AND_CACHE_OP(residual, branch, gate, cache)
     assert torch.equal(out, gated_residual_add_triton(residual, branch, gate)), "the op must run the kernel"
+    assert torch.equal(OP(residual, cache, gate), out), "the reuse op must run the kernel too"
     torch.testing.assert_close(out, _eager(residual, branch, gate), **EAGER_TOLERANCES[dtype])
     assert torch.equal(cache, branch)
 

@@ -1,0 +1,52 @@
+"""Every private torch API smoothcache_fx uses, in one place, with the versions it was checked on.
+
+It sits in the lowest layer (kernels) because every layer above may import it and none below it
+may import upward (smoothcache_fx -> passes -> kernels). Each entry says what it reaches into and
+why no public API does the job. Checked on torch 2.13.0 (CPU build, the version CI runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+# torch._library.triton.get_inner_triton_kernels logs a WARNING ("Triton not available,
+# find_triton_kernels = []") for every triton_op registered without triton installed. Without
+# triton the op's body takes the reference path on every device, so there is nothing to warn about.
+_TRITON_OP_LOGGER = "torch._library.triton"
+
+# torch.utils._pytree.LeafSpec's deprecation message, raised when torch deep-copies a TreeSpec.
+_LEAF_SPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_missing_triton() -> Iterator[None]:
+    """Silence torch's "Triton not available" warning while triton_ops are registered."""
+    logger = logging.getLogger(_TRITON_OP_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_functional(root: torch.nn.Module, args: tuple) -> tuple[torch.export.ExportedProgram, object]:
+    """`torch.export.export(strict=False)` then `run_decompositions({})`: a functional ATen graph.
+
+    Returns the program and the call's output TreeSpec. torch 2.13's `run_decompositions`
+    deep-copies the program's module call graph, and deep-copying the pytree leaf specs in it trips
+    the FutureWarning torch put on its own `LeafSpec` class ("`isinstance(treespec, LeafSpec)` is
+    deprecated"): once per capture, from torch's code, not ours. The module call graph cannot be
+    dropped (`run_decompositions` unlifts through it), so that one message is filtered for the
+    duration of the call and nothing else.
+    """
+    exported = torch.export.export(root, args, strict=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LEAF_SPEC_DEPRECATION, category=FutureWarning)
+        exported = exported.run_decompositions({})
+    return exported, exported.call_spec.out_spec
