@@ -1,0 +1,135 @@
+"""What a CPU user without triton gets (torch's CPU wheel brings none): compiled variants with
+inductor, the single-graph form compiled and exported, and the demo job itself.
+
+Each test runs in a subprocess whose `sitecustomize` makes triton unimportable, so nothing this
+test session imported (triton is in the test extra) can leak into it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+WITHOUT_TRITON = TESTS / "without_triton"
+
+
+def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(WITHOUT_TRITON), str(TESTS), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _python(script: str, timeout: int = 600) -> str:
+    result = _run([sys.executable, "-c", textwrap.dedent(script)], timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_triton_is_hidden_in_the_subprocess():
+    out = _python(
+        """
+        import importlib.util, torch
+        from torch.utils._triton import has_triton
+        from smoothcache_fx.kernels.gated_residual_add import HAS_TRITON
+        print(importlib.util.find_spec("triton"), has_triton(), HAS_TRITON)
+        """
+    )
+    assert out.split() == ["None", "False", "False"]
+
+
+def test_compiled_variants_with_inductor_equal_eager_without_triton():
+    """Reuse and compute sites in every variant, compiled with inductor (not aot_eager), over two
+    whole generations: equal to the eager transformed model and, where everything computes, to the
+    original; one compiled graph per distinct variant, no graph break, no recompile."""
+    out = _python(
+        """
+        import copy, torch
+        from torch._dynamo.utils import counters
+        import models, smoothcache_fx
+        from helpers import dit_call, run_steps
+        from smoothcache_fx import Schedule
+
+        torch.manual_seed(0)
+        original = models.diffusers_dit(num_layers=2)
+        schedule = Schedule.from_dict({"attn1": [1, 0, 1, 0, 1, 1], "ff": [1, 1, 0, 0, 1, 1]})
+        eager = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+        compiled = smoothcache_fx.transform(copy.deepcopy(original), schedule, compile=True)
+        expected = run_steps(eager, dit_call, 6)
+        first = run_steps(compiled, dit_call, 6)
+        assert counters["stats"]["unique_graphs"] == compiled.smoothcache.distinct_variants() == 4
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = run_steps(compiled, dit_call, 6)
+        assert not counters["graph_break"] and not counters["recompiles"]
+        for want, a, b in zip(expected, first, second, strict=True):
+            torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(a, b)
+        plain = run_steps(original, dit_call, 1)[0]
+        torch.testing.assert_close(first[0], plain, rtol=1e-5, atol=1e-5)
+        kinds = sorted(list(v["compute"].values()) for v in compiled.smoothcache.variants)
+        print("ok", kinds)
+        """
+    )
+    assert out.startswith("ok")
+    assert "[False, False]" in out and "[True, True]" in out  # pure reuse and pure compute variants
+
+
+def test_graph_form_compiles_and_exports_without_triton():
+    """The single graph: torch.compile(fullgraph=True) with inductor and torch.export, both ops in
+    the exported program, a whole generation equal to the eager variants."""
+    out = _python(
+        """
+        import copy, torch
+        from torch._dynamo.utils import counters
+        import models, smoothcache_fx
+        from helpers import tiny_call, run_steps
+        from smoothcache_fx import Schedule
+
+        torch.manual_seed(0)
+        original = models.TinyDiT(depth=2)
+        schedule = Schedule.uniform(4, 2, ["attn", "mlp"])
+        variants = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+        graph = smoothcache_fx.transform(copy.deepcopy(original), schedule, form="graph")
+        expected = run_steps(variants, tiny_call, 4)
+        run_steps(graph, tiny_call, 1)
+        graph.smoothcache.reset()
+        x, y = models.tiny_dit_inputs(2)
+        with torch.no_grad():
+            program = torch.export.export(graph, (x, torch.tensor([1, 1]), y), strict=False)
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("gated_residual_add_and_cache" in t for t in targets), targets
+        compiled = torch.compile(graph, fullgraph=True)
+        got = run_steps(compiled, tiny_call, 4)
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+        for want, have in zip(expected, got, strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"
+
+
+def test_demo_job_runs_without_triton(tmp_path):
+    """The README's main job at reduced size, compiled, in a process without triton."""
+    command = "from smoothcache_fx.cli import main; raise SystemExit(main())"
+    args = ["demo", "--steps", "10", "--per-class", "1", "--repeats", "1", "--no-progress"]
+    result = _run([sys.executable, "-c", command, *args, "--out", str(tmp_path / "demo")], timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = result.stdout
+    for row in ("eager", "eager + SmoothCache", "compiled", "compiled + SmoothCache"):
+        assert re.search(rf"^{re.escape(row)} +\d+ms +\d+\.\d+x$", table, re.MULTILINE), table
+    assert re.search(r"^achieved speedup \d+\.\d+x of ideal \d+\.\d+x", table, re.MULTILINE), table
+    assert re.search(r"^PSNR cached vs uncached \d+\.\d dB", table, re.MULTILINE), table
+    assert "FutureWarning" not in result.stderr, result.stderr[-2000:]
+
+
+def test_import_prints_nothing_without_triton():
+    """torch logs "Triton not available" for a triton_op registered without triton; the kernels
+    module registers its ops with that warning silenced, since the reference path is then used."""
+    result = _run([sys.executable, "-c", "import smoothcache_fx"], timeout=300)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr
