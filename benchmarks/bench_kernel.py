@@ -5,7 +5,8 @@ The op is memory bound, so the figure of merit is achieved bandwidth over the by
 All three implementations are charged the same byte count, so GB/s is effective bandwidth: eager's
 extra round trip through the `gate * branch` temporary shows up as lower GB/s, not as more bytes.
 
-- triton:   `torch.ops.smoothcache_fx.gated_residual_add` (the op the pass emits; autotuned kernel)
+- triton:   the ops the pass emits (autotuned kernel): `gated_residual_add_and_cache` for a computed
+            branch, `gated_residual_add` for a reused one
 - eager:    `gated_residual_add_reference` (copy_, mul, add: three kernels)
 - inductor: `torch.compile(gated_residual_add_decomposed)`, Inductor's own fused kernel
 
@@ -32,6 +33,7 @@ import torch
 
 from smoothcache_fx.kernels import (
     gated_residual_add,
+    gated_residual_add_and_cache,
     gated_residual_add_decomposed,
     gated_residual_add_reference,
 )
@@ -99,7 +101,11 @@ def measure(batch, tokens, dim, dtype_name, mode, bench) -> dict[str, float]:
     torch._dynamo.reset()
     compiled = torch.compile(gated_residual_add_decomposed, fullgraph=True, dynamic=False)
     impls = {
-        "triton": lambda: gated_residual_add(residual, branch, gate, cache),
+        "triton": (
+            (lambda: gated_residual_add_and_cache(residual, branch, gate, cache))
+            if mode == "compute"
+            else (lambda: gated_residual_add(residual, branch, gate))
+        ),
         "eager": lambda: gated_residual_add_reference(residual, branch, gate, cache),
         "inductor": lambda: compiled(residual, branch, gate, cache),
     }
