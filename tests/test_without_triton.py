@@ -133,3 +133,46 @@ def test_import_prints_nothing_without_triton():
     module registers its ops with that warning silenced, since the reference path is then used."""
     result = _run([sys.executable, "-c", "import smoothcache_fx"], timeout=300)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr
+
+
+def test_both_ops_export_and_compile_without_triton():
+    """A compute site and a reuse site: torch.export keeps both ops (with the cache write as the
+    program's only mutation), and inductor compiles them with no graph break, equal to eager."""
+    out = _python(
+        """
+        import torch
+        from torch._dynamo.utils import counters
+        import smoothcache_fx.kernels  # registers the ops
+        ops = torch.ops.smoothcache_fx
+
+        class Step(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("cache", torch.zeros(2, 5, 8))
+                self.register_buffer("held", torch.randn(2, 5, 8))
+
+            def forward(self, residual, branch, gate):
+                x = ops.gated_residual_add_and_cache(residual, branch, gate, self.cache)
+                return ops.gated_residual_add(x, self.held, gate)
+
+        residual, branch, gate = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 1, 8)
+        eager = Step()
+        want = eager(residual, branch, gate)
+        program = torch.export.export(Step(), (residual, branch, gate), strict=False).run_decompositions({})
+        text = str(program.graph)
+        assert "gated_residual_add_and_cache" in text and "gated_residual_add.default" in text, text
+        mutated = [s.target for s in program.graph_signature.output_specs if s.kind.name == "BUFFER_MUTATION"]
+        assert mutated == ["cache"], mutated
+        exported = program.module()
+        exported.held.copy_(eager.held)
+        assert torch.equal(exported(residual, branch, gate), want)
+        assert torch.equal(exported.cache, branch)
+        compiled_step = Step()
+        compiled_step.held.copy_(eager.held)
+        compiled = torch.compile(compiled_step, fullgraph=True, backend="inductor")
+        torch.testing.assert_close(compiled(residual, branch, gate), want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(compiled_step.cache, branch) and not counters["graph_break"]
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"
