@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -35,6 +36,12 @@ def quiet_missing_triton() -> Iterator[None]:
         logger.setLevel(level)
 
 
+# torch.export keeps process-wide state while it traces (the dispatch mode stack, the active fake
+# tensor mode): two exports running at once in two threads fail inside torch with mode-stack and
+# fake-tensor assertions. Every capture takes this lock; one process, one export at a time.
+EXPORT_LOCK = threading.RLock()
+
+
 def export_functional(root: torch.nn.Module, args: tuple) -> tuple[torch.export.ExportedProgram, object]:
     """`torch.export.export(strict=False)` then `run_decompositions({})`: a functional ATen graph.
 
@@ -45,8 +52,9 @@ def export_functional(root: torch.nn.Module, args: tuple) -> tuple[torch.export.
     dropped (`run_decompositions` unlifts through it), so that one message is filtered for the
     duration of the call and nothing else.
     """
-    exported = torch.export.export(root, args, strict=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_LEAF_SPEC_DEPRECATION, category=FutureWarning)
-        exported = exported.run_decompositions({})
+    with EXPORT_LOCK:
+        exported = torch.export.export(root, args, strict=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_LEAF_SPEC_DEPRECATION, category=FutureWarning)
+            exported = exported.run_decompositions({})
     return exported, exported.call_spec.out_spec

@@ -80,7 +80,8 @@ def gated_residual_add_reference(
     (a second compile of each variant).
     """
     if cache is not None:
-        cache.copy_(branch)
+        with torch.no_grad():  # a cache holds a value, never autograd history
+            cache.copy_(branch)
     update = branch if gate is None else gate * branch
     out = residual + update
     return out if out.is_contiguous() else out.contiguous()

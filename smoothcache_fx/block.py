@@ -119,7 +119,7 @@ class BlockState:
         _check_grad_mode(block, self.path)
         signature, tensors = call_signature(args, kwargs)
         entry = self._entry_for(block, signature, args, kwargs)
-        call_id = (runtime.generation, runtime.step, runtime.slot)
+        call_id = (runtime.generations, runtime.step, runtime.slot)
         if self.last_call == call_id:
             raise NotImplementedError(
                 f"block {self.path!r} ({self.original_class.__name__}) was called twice in one model "

@@ -307,7 +307,7 @@ class _StepClock:
         runtime = self.runtime
         before = _counters(runtime)
         flops = self.flop_counter.get_total_flops() if self.flop_counter is not None else 0
-        call = _Call(runtime.generation, runtime.step, 0.0)
+        call = _Call(runtime.generations, runtime.step, 0.0)
         _synchronize(self.device)
         ranged = torch.autograd.profiler.record_function(step_range(runtime.step))
         ranged.__enter__()

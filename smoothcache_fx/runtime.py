@@ -1,17 +1,29 @@
 """The one home of a transformed model's state: schedule, step clock, blocks, counters, reset.
 
-Reached as `model.smoothcache`. Each call of the model is one schedule step; a generation ends
-after the schedule's last step and the next call starts a new one. The clock advances in forward
-hooks on the model, in Python, so no step value ever reaches a traced graph.
+Reached as `model.smoothcache`. Each call of the model is one schedule step; where a generation
+starts is decided by `smoothcache_fx.generation` (explicit `generation()`, a pipeline call, or the
+timesteps the model receives). The clock advances in forward hooks on the model, in Python, so no
+step value ever reaches a traced graph.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch.utils._pytree import tree_flatten
 
 from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState, cache_name
 from smoothcache_fx.compile import CompileConfig
+from smoothcache_fx.generation import GenerationClock, timestep_of
 from smoothcache_fx.schedules import Schedule
+
+_CLOCK_NOT_TRACED = (
+    "smoothcache_fx advances its step clock in Python outside traced code (a traced step would "
+    "recompile at every step). For compiled, cached blocks use smoothcache_fx.transform(model, "
+    "schedule, compile=True), or form='graph' to compile the whole model as one graph."
+)
 
 
 class SmoothCacheRuntime:
@@ -19,8 +31,7 @@ class SmoothCacheRuntime:
 
     Attributes:
         schedule: the static schedule in force.
-        step: index of the step the next (or current) model call runs, within its generation.
-        generation: how many generations have started since transform/reset.
+        clock: where the generation in progress stands (`step`, `slot`, `generation` read it).
         kernel: "op" (fused custom op) or "inductor" (plain ops) at every rewritten site.
     """
 
@@ -39,7 +50,7 @@ class SmoothCacheRuntime:
         # Model calls per schedule step (unbatched classifier-free guidance: 2). Call `slot` of a
         # step has caches of its own, so the unconditional call never reads the conditional one's.
         self.calls_per_step = calls_per_step
-        self.slot = 0
+        self.clock = GenerationClock(schedule.steps, calls_per_step)
         self.model_class = type(model).__name__
         self.schedule = schedule
         self.kernel = kernel
@@ -47,10 +58,7 @@ class SmoothCacheRuntime:
         self.blocks: dict[str, torch.nn.Module] = blocks
         # Blocks of identical structure share one captured graph (parameters are graph inputs).
         self.captured_graphs: dict[tuple, tuple] = {}
-        self.step = 0
-        self.generation = 0
         self.in_model_call = False
-        self.pipeline_calls: int | None = None
         # Set by smoothcache_fx.profile() only: returns each block's variant with profiler ranges.
         self.annotator = None
         # Set by smoothcache_fx.calibrate() only: every scheduled branch writes its cache, even one
@@ -58,26 +66,64 @@ class SmoothCacheRuntime:
         self.record_branches = False
         self._validated = False
         self._hooks = [
-            model.register_forward_pre_hook(self._before_model_call),
+            model.register_forward_pre_hook(self._before_model_call, with_kwargs=True),
             model.register_forward_hook(self._after_model_call),
         ]
 
     # -- public -------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The step the next (or current) model call runs, within its generation."""
+        return self.clock.step
+
+    @property
+    def slot(self) -> int:
+        """Which call of its step the next model call is (0 unless calls_per_step > 1)."""
+        return self.clock.slot
+
+    @property
+    def generations(self) -> int:
+        """How many generations have started since transform."""
+        return self.clock.generation
+
     def reset(self) -> None:
-        """Start a new generation at step 0 on the next call; caches are overwritten, not freed."""
-        self.step = 0
-        self.slot = 0
-        if self.form == "graph":
-            self.step_tensor().zero_()
-        self.in_model_call = False
-        for state in self._states():
-            state.reset()
+        """End the generation in progress: the next call starts a new one at step 0, and no cache
+        written so far may be read again. Caches are overwritten, not freed."""
+        self.clock.reset()
+        self._forget_generation()
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[SmoothCacheRuntime]:
+        """Marks one generation: the first model call inside runs step 0; leaving ends it however
+        the loop left (finished, interrupted, raised). For custom sampling loops; a transformed
+        pipeline's call does this itself.
+
+        Example::
+
+            with model.smoothcache.generation():
+                for t in scheduler.timesteps:
+                    noise = model(latents, timestep=t, ...).sample
+                    latents = scheduler.step(noise, t, latents).prev_sample
+        """
+        if self.clock.open and self.clock.explicit:
+            raise RuntimeError(
+                "model.smoothcache.generation() is already open (a pipeline call or an outer "
+                "generation() block): generations do not nest. Leave the outer one first."
+            )
+        self.clock.check_thread()
+        self.clock.begin(explicit=True)
+        self._forget_generation()
+        try:
+            yield self
+        finally:
+            self.reset()
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Swap the schedule (same model); specialised variants are rebuilt lazily."""
         from smoothcache_fx.transform import as_schedule
 
         self.schedule = as_schedule(schedule)
+        self.clock = GenerationClock(self.schedule.steps, self.calls_per_step)
         self.captured_graphs.clear()
         for state in self._states():
             state.captures.clear()
@@ -181,27 +227,33 @@ class SmoothCacheRuntime:
         )
 
     # -- clock ----------------------------------------------------------------------------------
-    def _before_model_call(self, module, args) -> None:
+    def _forget_generation(self) -> None:
+        self.in_model_call = False
+        if self.form == "graph":
+            self.step_tensor().zero_()
+        for state in self._states():
+            state.reset()
+
+    def _before_model_call(self, module, args, kwargs) -> None:
         if self.form == "graph" and torch.compiler.is_compiling():
             return  # the traced graph keeps its own step; the Python clock is for eager runs
+        self._place_call(module, args, kwargs)
+
+    @torch.compiler.disable(reason=_CLOCK_NOT_TRACED)
+    def _place_call(self, module, args, kwargs) -> None:
+        """Decide which generation and step this call runs (never traced: it reads the timestep's
+        value and the thread, and a traced step would recompile every step)."""
+        self.clock.check_thread()
+        _refuse_gradients(module, args, kwargs)  # before the clock moves
         if self.in_model_call:  # the previous call raised half way: its generation is void
-            self.reset()
-        if self.pipeline_calls is not None:
-            if self.pipeline_calls >= self.schedule.steps * self.calls_per_step:
-                self.reset()
-                raise ValueError(
-                    f"the pipeline called the model more than the schedule's {self.schedule.steps} "
-                    f"steps x {self.calls_per_step} calls per step in one generation; the schedule "
-                    f"must have one entry per step. Pass num_inference_steps={self.schedule.steps} or "
-                    "use a schedule made for this step count (Schedule.uniform / Schedule.from_errors "
-                    "with steps=...); a pipeline that calls the model more than once per step (unbatched "
-                    "guidance) needs transform(..., calls_per_step=N)."
-                )
-            self.pipeline_calls += 1
-        if self.step == 0 and self.slot == 0:
-            self.generation += 1
-            for state in self._states():
-                state.reset()
+            explicit = self.clock.explicit
+            self.clock.reset()
+            if explicit:  # inside generation(): it goes on, from step 0
+                self.clock.begin(explicit=True)
+            self._forget_generation()
+        timestep = None if self.clock.explicit else timestep_of(module, args, kwargs)
+        if self.clock.before_call(timestep):
+            self._forget_generation()
         if self.compile_config.uses_cuda_graphs and torch.cuda.is_available():
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the last step are consumed
         self.in_model_call = True
@@ -209,16 +261,14 @@ class SmoothCacheRuntime:
     def _after_model_call(self, module, args, output) -> None:
         if self.form == "graph" and torch.compiler.is_compiling():
             return
+        self._finish_call()
+
+    @torch.compiler.disable(reason=_CLOCK_NOT_TRACED)
+    def _finish_call(self) -> None:
         self.in_model_call = False
         if not self._validated:
             self._validate_branches()
-        self.slot += 1
-        if self.slot < self.calls_per_step:
-            return
-        self.slot = 0
-        self.step += 1
-        if self.step == self.schedule.steps:
-            self.step = 0
+        self.clock.after_call()
 
     def _validate_branches(self) -> None:
         self._validated = True
@@ -270,3 +320,20 @@ class SmoothCacheRuntime:
 
     def _states(self) -> list[BlockState]:
         return [block._smoothcache_state for block in self.blocks.values()]
+
+
+def _refuse_gradients(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """SmoothCache is for inference: a reused branch output has no gradient path to the step that
+    computed it. Checked only under grad mode (pipelines run under no_grad), before the clock moves."""
+    if not torch.is_grad_enabled():
+        return
+    leaves = tree_flatten((args, kwargs))[0]
+    inputs = any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves)
+    if inputs or any(p.requires_grad for p in model.parameters()):
+        what = "an input that requires grad" if inputs else "parameters that require grad"
+        raise RuntimeError(
+            f"smoothcache_fx runs inference only, but {type(model).__name__} was called with "
+            f"gradients enabled and {what}: a reused branch output has no gradient path to the "
+            "step that computed it. Wrap generation in torch.no_grad() or torch.inference_mode() "
+            "(diffusers pipelines already do), or call model.requires_grad_(False) and detach the inputs."
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Mapping
 
@@ -287,22 +288,18 @@ def _transform_pipeline(
 
 
 def _pipeline_class(original: type) -> type:
-    """A subclass of the pipeline whose __call__ runs exactly one generation of the schedule."""
+    """A subclass of the pipeline whose __call__ is exactly one generation of the schedule."""
     cls = _PIPELINE_CLASSES.get(original)
     if cls is None:
 
         def __call__(self, *args, **kwargs):
             runtime = self.transformer.smoothcache
-            runtime.reset()
-            runtime.pipeline_calls = 0
-            try:
+            _check_pipeline_steps(self, original.__call__, args, kwargs, runtime)
+            with runtime.generation():
                 output = original.__call__(self, *args, **kwargs)
-                calls = runtime.pipeline_calls
-            finally:
-                runtime.pipeline_calls = None
-            expected = runtime.schedule.steps * runtime.calls_per_step
-            if calls != expected:
-                runtime.reset()
+                calls = runtime.clock.calls
+            expected = runtime.clock.calls_per_generation
+            if calls != expected and not getattr(self, "_interrupt", False):
                 per_step = runtime.calls_per_step
                 raise ValueError(
                     f"the pipeline called the model {calls} times but the schedule has "
@@ -317,3 +314,34 @@ def _pipeline_class(original: type) -> type:
         cls = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__})
         _PIPELINE_CLASSES[original] = cls
     return cls
+
+
+# Arguments that make a pipeline run another number of model steps than `num_inference_steps`.
+_STEP_CHANGING_ARGUMENTS = ("timesteps", "sigmas", "strength", "denoising_start", "denoising_end")
+
+
+def _check_pipeline_steps(pipe, call, args: tuple, kwargs: dict, runtime) -> None:
+    """Refuse a pipeline call whose step count does not match the schedule before anything runs.
+
+    Only where the count is certain: `num_inference_steps` (given or the default) with a
+    first-order scheduler and none of the arguments that change the count; otherwise the count is
+    checked as the generation runs (a call past the schedule's end is refused before it runs).
+    """
+    if getattr(getattr(pipe, "scheduler", None), "order", 1) != 1:
+        return  # Heun and other multi-stage solvers call the model more than once per step
+    try:
+        bound = inspect.signature(call).bind(pipe, *args, **kwargs)
+    except TypeError:
+        return  # the pipeline itself will say what is wrong with the call
+    bound.apply_defaults()
+    arguments = bound.arguments
+    if any(arguments.get(name) not in (None, 1.0) for name in _STEP_CHANGING_ARGUMENTS):
+        return
+    steps = arguments.get("num_inference_steps")
+    if isinstance(steps, int) and steps != runtime.schedule.steps:
+        raise ValueError(
+            f"pipe(...) was called with num_inference_steps={steps}, but the schedule has "
+            f"{runtime.schedule.steps} steps; a schedule has one entry per step. Pass "
+            f"num_inference_steps={runtime.schedule.steps}, or transform with a schedule for {steps} "
+            f"steps (Schedule.from_errors(errors, alpha, steps={steps}) derives one from calibration)."
+        )

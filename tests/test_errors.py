@@ -85,9 +85,9 @@ def test_set_schedule_replaces_the_schedule():
 @pytest.mark.parametrize("change", ["batch", "dtype", "device"])
 def test_input_change_in_the_middle_of_a_generation(change):
     model = smoothcache_fx.transform(models.diffusers_dit(), Schedule.uniform(4, 2, ["attn1"]))
-    run_steps(model, dit_call, 2)
+    run_steps(model, dit_call, 2)  # timesteps 1, 51: the generation goes on at 101
     x = torch.randn(2, 4, 8, 8)
-    t, y = torch.tensor([1, 1]), torch.tensor([1, 2])
+    t, y = torch.tensor([101, 101]), torch.tensor([1, 2])
     if change == "batch":
         x, t, y = x[:1], t[:1], y[:1]
     elif change == "dtype":
