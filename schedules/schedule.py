@@ -288,8 +288,10 @@ class Schedule:
                 f"{_EXAMPLE} or the output of Schedule.to_dict()."
             )
         if "format" not in data and "version" not in data:
-            lengths = [len(v) for v in data.values() if isinstance(v, Sequence) and not isinstance(v, str)]
-            return cls(max(lengths, default=1), dict(data), {})
+            # Steps come from the validated masks, so arrays and tensors count like lists; when the
+            # lengths differ, the constructor names every key with its length.
+            masks = _validate_masks(data)
+            return cls(max(len(mask) for mask in masks.values()), masks, {})
         if data.get("format") != FORMAT_NAME:
             raise ValueError(
                 f"schedule format must be {FORMAT_NAME!r}; got {data.get('format')!r}. Pass a file written "
@@ -416,19 +418,28 @@ def _validate_key(key: Any) -> str:
 
 
 def _validate_mask(key: str, mask: Any) -> tuple[int, ...]:
+    """One 0/1 int per step, from a list or tuple of ints or bools, or a 1-D numpy array or tensor.
+
+    Arrays and numpy / torch scalars are recognised by their ``tolist`` (and ``ndim``) rather than
+    by type, so that loading a schedule imports neither numpy nor torch; their elements then pass
+    the same checks as a list's.
+    """
+    if hasattr(mask, "ndim") and hasattr(mask, "tolist"):
+        mask = _array_values(key, mask)
     if isinstance(mask, (str, bytes, Mapping, set, frozenset)) or not isinstance(mask, Iterable):
         raise TypeError(
-            f"the mask for {key!r} must be a list of 0/1, one per step; got {type(mask).__name__} {mask!r}."
+            f"the mask for {key!r} must be a list of 0/1, one per step; got {type(mask).__name__} {mask!r}. "
+            "Pass a list such as [1, 0, 1, ...] or a 1-D array of ints or bools."
         )
     values = []
     for step, value in enumerate(mask):
+        plain = value.tolist() if hasattr(value, "tolist") else value  # numpy scalar, 0-d tensor
         try:
-            number = int(value) if isinstance(value, bool) else operator.index(value)
+            number = int(plain) if isinstance(plain, bool) else operator.index(plain)
         except TypeError:
             raise TypeError(
                 f"mask values must be 0 or 1 (int or bool); got {value!r} ({type(value).__name__}) at step "
-                f"{step} of {key!r}. Use 1 to compute and 0 to reuse the cached output (convert arrays "
-                "with .tolist())."
+                f"{step} of {key!r}. Use 1 to compute and 0 to reuse the cached output."
             ) from None
         if number not in (0, 1):
             raise ValueError(
@@ -437,6 +448,26 @@ def _validate_mask(key: str, mask: Any) -> tuple[int, ...]:
             )
         values.append(number)
     return tuple(values)
+
+
+def _array_values(key: str, array: Any) -> list[Any]:
+    """The entries of a 1-D numpy array or tensor as Python scalars; any other shape is refused."""
+    if array.ndim != 1:
+        raise ValueError(
+            f"the mask for {key!r} must be one-dimensional, one 0/1 per step; got a {array.ndim}-D "
+            f"{type(array).__name__} of shape {tuple(array.shape)}. Give each key its own 1-D mask, "
+            "e.g. one row of a 2-D array per key."
+        )
+    values = array.tolist()
+    if not all(isinstance(value, int) for value in values):  # bool is an int too
+        odd = next(((step, v) for step, v in enumerate(values) if v not in (0, 1)), None)
+        where = "" if odd is None else f" with {odd[1]!r} at step {odd[0]}"
+        raise TypeError(
+            f"the mask for {key!r} must be an array of ints or bools, one 0/1 per step; got a "
+            f"{array.dtype} {type(array).__name__}{where}. Turn it into 0/1 first, e.g. (mask > 0.5), "
+            "or mask.astype(int) (numpy) / mask.int() (torch) when it holds only 0.0 and 1.0."
+        )
+    return values
 
 
 def _validate_masks(masks: Any) -> dict[str, tuple[int, ...]]:
