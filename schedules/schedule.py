@@ -317,7 +317,9 @@ class Schedule:
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Schedule:
         """Load a schedule from a JSON file (either format) or an already parsed dict.
 
-        Reads JSON only; no tensors or device are touched.
+        Reads JSON only; no tensors or device are touched. Every failure names the file and what
+        to do: FileNotFoundError (or another OSError) when it cannot be read, ValueError when it is
+        not UTF-8 JSON or holds invalid masks, TypeError when a value has the wrong type.
 
         Example::
 
@@ -336,6 +338,17 @@ class Schedule:
             raise FileNotFoundError(
                 f"schedule path must name an existing JSON file; got {str(path)!r}, which does not exist. "
                 "Check the path (relative paths are from the current directory)."
+            ) from err
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"schedule file {str(path)!r} must be JSON text in UTF-8; got a byte that is not UTF-8 at "
+                f"offset {err.start} ({err.reason}). Pass the JSON file written by Schedule.save() or a "
+                "Roblox-style schedule, not a binary file such as weights or a picture."
+            ) from err
+        except OSError as err:  # a folder, no permission, ...: same type, with the path and the fix
+            raise type(err)(
+                f"schedule path must name a readable JSON file; got {str(path)!r} "
+                f"({err.strerror or err}). Pass a file, not a folder, that you may read."
             ) from err
         try:
             data = json.loads(text)

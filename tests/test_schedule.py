@@ -428,6 +428,53 @@ def test_missing_file(tmp_path):
         Schedule.load(path)
 
 
+@pytest.mark.parametrize(
+    ("write", "error", "message"),
+    [
+        (None, FileNotFoundError, r"'[^']*s\.json', which does not exist\. Check the path"),
+        (
+            lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff"),
+            ValueError,
+            r"schedule file '[^']*s\.json' must be JSON text in UTF-8; got a byte that is not UTF-8 at "
+            r"offset 0 .*not a binary file",
+        ),
+        (
+            lambda path: path.mkdir(),
+            IsADirectoryError,
+            r"must name a readable JSON file; got '[^']*s\.json' \(Is a directory\)\. Pass a file",
+        ),
+        (
+            lambda path: path.write_text('{"attn1": [1, 0'),
+            ValueError,
+            r"schedule file '[^']*s\.json' must contain valid JSON.*should hold an object",
+        ),
+        (
+            lambda path: path.write_text("[1, 0]"),
+            ValueError,
+            r"schedule file '[^']*s\.json' must contain a JSON object.*Write an object",
+        ),
+        (
+            lambda path: path.write_text('{"attn1": "1011"}'),
+            TypeError,
+            r"s\.json: the mask for 'attn1' must be a list of 0/1.*Pass a list",
+        ),
+        (
+            lambda path: path.write_text('{"attn1": [1, 0, 2]}'),
+            ValueError,
+            r"s\.json: mask values must be 0 or 1; got 2 .*Use 1 to compute",
+        ),
+    ],
+    ids=["missing", "binary", "folder", "not-json", "not-object", "mask-type", "mask-value"],
+)
+def test_every_load_failure_names_the_file_and_the_fix(tmp_path, write, error, message):
+    path = tmp_path / "s.json"
+    if write is not None:
+        write(path)
+    with pytest.raises(error, match=message) as info:
+        Schedule.load(path)
+    assert str(tmp_path) in str(info.value)
+
+
 def test_load_rejects_other_types():
     with pytest.raises(TypeError, match="source must be a path"):
         Schedule.load(3)
