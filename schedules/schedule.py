@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_from_errors
+
 FORMAT_NAME = "smoothcache_fx.schedule"
 FORMAT_VERSION = 1
 _ENVELOPE_FIELDS = frozenset({"format", "version", "steps", "masks", "metadata"})
@@ -217,7 +219,8 @@ class Schedule:
         ``per_block=True``) from step 0, taking the largest lag k <= lookahead with
         e_k[i] <= alpha; the first and last steps always compute. ``steps`` derives a schedule
         for another step count by resampling the errors over normalised time. See
-        ``smoothcache_fx.schedules.from_errors`` for the exact rule.
+        ``smoothcache_fx.schedules.from_errors`` for the exact rule. Metadata records the
+        calibration, ``alpha`` and (when the errors carry FLOPs) the ``ideal_speedup``.
 
         Args:
             errors: ``CalibrationErrors`` from ``smoothcache_fx.calibrate`` (or a path to its JSON).
@@ -230,16 +233,20 @@ class Schedule:
             errors = smoothcache_fx.calibrate(pipe, lambda: pipe(class_labels=[207], num_inference_steps=50))
             schedule = Schedule.from_errors(errors, alpha=0.18)
         """
-        from .from_errors import schedule_from_errors
-
-        return schedule_from_errors(errors, alpha, per_block=per_block, steps=steps)
+        errors = errors_at(errors, steps)
+        masks = masks_from_errors(errors, alpha, per_block)
+        metadata = errors_metadata(errors, "from_errors", per_block, alpha=float(alpha))
+        schedule = cls(errors.steps, masks, metadata)
+        if errors.total_flops:
+            schedule = schedule.with_metadata(ideal_speedup=errors.ideal_speedup(schedule))
+        return schedule
 
     @classmethod
     def for_speedup(
         cls, errors, target: float, per_block: bool = False, steps: int | None = None
     ) -> Schedule:
         """The :meth:`from_errors` schedule with the smallest alpha whose FLOP-derived ideal speed-up
-        reaches ``target``; metadata records ``alpha`` and the ``ideal_speedup`` reached.
+        reaches ``target``; metadata records ``alpha``, ``target`` and the ``ideal_speedup`` reached.
 
         Raises ValueError, naming the maximum reachable speed-up, when no alpha reaches it.
 
@@ -247,19 +254,10 @@ class Schedule:
 
             schedule = Schedule.for_speedup(errors, target=1.8)
         """
-        from .from_errors import schedule_for_speedup
-
-        return schedule_for_speedup(errors, target, per_block=per_block, steps=steps)
-
-    def plot(self, path: str | os.PathLike[str], branches: Mapping[str, Sequence[str]] | None = None) -> Path:
-        """Heatmap of computed (dark) vs reused steps to a PNG; one row per key, or per branch when
-        ``branches`` (block path -> components, e.g. ``model.smoothcache.branches``) is given.
-
-        Needs matplotlib: ``pip install smoothcache-fx[plot]``.
-        """
-        from smoothcache_fx.plots import plot_schedule  # leaf module: matplotlib only, no runtime
-
-        return plot_schedule(self, path, branches=branches)
+        errors = errors_at(errors, steps)
+        alpha = alpha_for_speedup(errors, target, per_block)
+        schedule = cls.from_errors(errors, alpha, per_block=per_block)
+        return schedule.with_metadata(generator="for_speedup", target=target)
 
     # ------------------------------------------------------------------ I/O
 

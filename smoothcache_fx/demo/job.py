@@ -27,6 +27,7 @@ from smoothcache_fx.demo.model import (
     generate,
     load_demo_model,
 )
+from smoothcache_fx.plots import plot_errors, plot_schedule
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.transform import transform
 
@@ -255,8 +256,8 @@ def _accuracy(images, labels, classifier) -> float:
 def _write_pictures(out: Path, uncached, cached, errors, schedule, model, log) -> None:
     _save_grid(out / "samples.png", uncached, cached)
     try:
-        errors.plot(out / "errors.png", alpha=schedule.metadata.get("alpha"))
-        schedule.plot(out / "schedule.png")
+        plot_errors(errors, out / "errors.png", alpha=schedule.metadata.get("alpha"))
+        plot_schedule(schedule, out / "schedule.png")
     except ImportError as error:
         log(f"skipped errors.png and schedule.png: {error}")
 
