@@ -325,15 +325,6 @@ class CalibrationErrors:
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
         return path
 
-    def plot(self, path: str | os.PathLike[str], alpha: float | None = None, per_block: bool = False) -> Path:
-        """Error curves per component and lag over steps (with the `alpha` line if given) to a PNG.
-
-        Needs matplotlib: ``pip install smoothcache-fx[plot]``.
-        """
-        from smoothcache_fx.plots import plot_errors  # leaf module: matplotlib only, no runtime
-
-        return plot_errors(self, path, alpha=alpha, per_block=per_block)
-
 
 def _positions(steps: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)

@@ -1,4 +1,7 @@
-"""Schedules from calibration errors: the SmoothCache scan, and a search for a target speed-up.
+"""Masks from calibration errors: the SmoothCache scan, and a search for a target speed-up.
+
+Pure maths on `CalibrationErrors`; `Schedule.from_errors` and `Schedule.for_speedup` wrap the
+results into schedules, so imports point one way: schedule -> from_errors -> errors.
 
 The scan (arXiv 2411.10510; the published `dit-smoothcache` package does not ship its calibration
 module, so this description is the reference). With e_k[i] = |L_i - L_(i+k)|_1 / |L_(i+k)|_1:
@@ -31,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from .errors import CalibrationErrors
-from .schedule import Schedule
 
 
 def smoothcache_mask(curves: Sequence[Sequence[float]], alpha: float, steps: int) -> tuple[int, ...]:
@@ -62,59 +64,38 @@ def smoothcache_mask(curves: Sequence[Sequence[float]], alpha: float, steps: int
     return tuple(mask)
 
 
-def schedule_from_errors(
-    errors: CalibrationErrors | str | os.PathLike[str] | Mapping[str, Any],
-    alpha: float,
-    per_block: bool = False,
-    steps: int | None = None,
-) -> Schedule:
-    """The SmoothCache schedule for `errors` at threshold `alpha` (see the module docstring).
+def masks_from_errors(
+    errors: CalibrationErrors, alpha: float, per_block: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Key -> the SmoothCache mask at threshold `alpha` (see the module docstring).
 
     Args:
-        errors: `CalibrationErrors` (or a path to / dict of its JSON).
+        errors: the calibrated errors, at the step count the masks are for.
         alpha: error budget, >= 0; larger reuses more.
         per_block: one mask per branch (keys ``component-blockindex``, or full paths when block
             indices are ambiguous) instead of one per component averaged over blocks.
-        steps: schedule length; default the calibrated step count. Another count resamples the
-            errors over normalised time first (`CalibrationErrors.resampled`).
     """
-    errors = _as_errors(errors)
     alpha = _check_alpha(alpha)
-    if steps is not None:
-        errors = errors.resampled(steps, lags="time")  # measured closer to direct calibration (errors.py)
-    masks = {
+    return {
         key: smoothcache_mask(curves, alpha, errors.steps)
         for key, (curves, _) in _keyed(errors, per_block).items()
     }
-    schedule = Schedule(errors.steps, masks, _metadata(errors, "from_errors", per_block, alpha=alpha))
-    if errors.total_flops:
-        schedule = schedule.with_metadata(ideal_speedup=errors.ideal_speedup(schedule))
-    return schedule
 
 
-def schedule_for_speedup(
-    errors: CalibrationErrors | str | os.PathLike[str] | Mapping[str, Any],
-    target: float,
-    per_block: bool = False,
-    steps: int | None = None,
-) -> Schedule:
-    """The SmoothCache schedule with the smallest alpha whose ideal speed-up reaches `target`.
+def alpha_for_speedup(errors: CalibrationErrors, target: float, per_block: bool = False) -> float:
+    """The smallest alpha whose masks reach the FLOP-derived ideal speed-up `target`.
 
-    The ideal speed-up is FLOP-derived (`CalibrationErrors.ideal_speedup`): total FLOPs of a
-    generation uncached over cached, from the per-branch FLOPs measured by calibrate. The result's
-    metadata holds `alpha`, `target` and the `ideal_speedup` reached.
+    The ideal speed-up is `CalibrationErrors.ideal_speedup`: total FLOPs of a generation uncached
+    over cached, from the per-branch FLOPs measured by calibrate.
 
     Raises:
         ValueError: when no alpha reaches `target`; the message gives the maximum reachable.
     """
-    errors = _as_errors(errors)
     if isinstance(target, bool) or not isinstance(target, numbers.Real) or not target >= 1:
         raise ValueError(
             f"target must be a speed-up >= 1 (uncached FLOPs / cached FLOPs); got {target!r}. "
             "Pass e.g. target=1.8."
         )
-    if steps is not None:
-        errors = errors.resampled(steps, lags="time")  # measured closer to direct calibration (errors.py)
     if errors.total_flops == 0:
         raise ValueError(
             "for_speedup needs FLOP counts, and these errors have none (total_flops=0); "
@@ -137,9 +118,36 @@ def schedule_for_speedup(
             f"{errors.steps} steps, per_block={per_block}). Lower the target, use per_block=True, or "
             "calibrate with a larger lookahead."
         )
-    alpha = float(candidates[reached[0]])
-    schedule = schedule_from_errors(errors, alpha, per_block=per_block)
-    return schedule.with_metadata(generator="for_speedup", target=target)
+    return float(candidates[reached[0]])
+
+
+def errors_at(
+    errors: CalibrationErrors | str | os.PathLike[str] | Mapping[str, Any], steps: int | None
+) -> CalibrationErrors:
+    """`errors` loaded if given as a path or dict, and resampled to `steps` (None: as calibrated)."""
+    errors = _as_errors(errors)
+    if steps is None:
+        return errors
+    return errors.resampled(steps, lags="time")  # measured closer to direct calibration (errors.py)
+
+
+def errors_metadata(
+    errors: CalibrationErrors, generator: str, per_block: bool, **extra: Any
+) -> dict[str, Any]:
+    """What a schedule derived from `errors` records about them (model, steps, calibration)."""
+    metadata = {
+        "generator": generator,
+        "model_class": errors.model_class,
+        "steps": errors.steps,
+        "calibrated_steps": errors.metadata.get("resampled_from_steps", errors.steps),
+        "lookahead": errors.lookahead,
+        "per_block": per_block,
+        "generations": errors.generations,
+        **extra,
+    }
+    if errors.metadata.get("solver"):
+        metadata["solver"] = errors.metadata["solver"]
+    return metadata
 
 
 def _compute_counts(curves, steps: int, alphas: np.ndarray) -> np.ndarray:
@@ -176,22 +184,6 @@ def _block_keys(paths: Sequence[str]) -> dict[str, str]:
         index = block.rsplit(".", 1)[-1]
         short[f"{component}-{index}" if index.isascii() and index.isdigit() else path] = path
     return short if len(short) == len(paths) else {path: path for path in paths}
-
-
-def _metadata(errors: CalibrationErrors, generator: str, per_block: bool, **extra: Any) -> dict[str, Any]:
-    metadata = {
-        "generator": generator,
-        "model_class": errors.model_class,
-        "steps": errors.steps,
-        "calibrated_steps": errors.metadata.get("resampled_from_steps", errors.steps),
-        "lookahead": errors.lookahead,
-        "per_block": per_block,
-        "generations": errors.generations,
-        **extra,
-    }
-    if errors.metadata.get("solver"):
-        metadata["solver"] = errors.metadata["solver"]
-    return metadata
 
 
 def _as_errors(errors: Any) -> CalibrationErrors:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_from_errors
+
 FORMAT_NAME = "smoothcache_fx.schedule"
 FORMAT_VERSION = 1
 _ENVELOPE_FIELDS = frozenset({"format", "version", "steps", "masks", "metadata"})
@@ -217,7 +219,8 @@ class Schedule:
         ``per_block=True``) from step 0, taking the largest lag k <= lookahead with
         e_k[i] <= alpha; the first and last steps always compute. ``steps`` derives a schedule
         for another step count by resampling the errors over normalised time. See
-        ``smoothcache_fx.schedules.from_errors`` for the exact rule.
+        ``smoothcache_fx.schedules.from_errors`` for the exact rule. Metadata records the
+        calibration, ``alpha`` and (when the errors carry FLOPs) the ``ideal_speedup``.
 
         Args:
             errors: ``CalibrationErrors`` from ``smoothcache_fx.calibrate`` (or a path to its JSON).
@@ -230,16 +233,20 @@ class Schedule:
             errors = smoothcache_fx.calibrate(pipe, lambda: pipe(class_labels=[207], num_inference_steps=50))
             schedule = Schedule.from_errors(errors, alpha=0.18)
         """
-        from .from_errors import schedule_from_errors
-
-        return schedule_from_errors(errors, alpha, per_block=per_block, steps=steps)
+        errors = errors_at(errors, steps)
+        masks = masks_from_errors(errors, alpha, per_block)
+        metadata = errors_metadata(errors, "from_errors", per_block, alpha=float(alpha))
+        schedule = cls(errors.steps, masks, metadata)
+        if errors.total_flops:
+            schedule = schedule.with_metadata(ideal_speedup=errors.ideal_speedup(schedule))
+        return schedule
 
     @classmethod
     def for_speedup(
         cls, errors, target: float, per_block: bool = False, steps: int | None = None
     ) -> Schedule:
         """The :meth:`from_errors` schedule with the smallest alpha whose FLOP-derived ideal speed-up
-        reaches ``target``; metadata records ``alpha`` and the ``ideal_speedup`` reached.
+        reaches ``target``; metadata records ``alpha``, ``target`` and the ``ideal_speedup`` reached.
 
         Raises ValueError, naming the maximum reachable speed-up, when no alpha reaches it.
 
@@ -247,19 +254,10 @@ class Schedule:
 
             schedule = Schedule.for_speedup(errors, target=1.8)
         """
-        from .from_errors import schedule_for_speedup
-
-        return schedule_for_speedup(errors, target, per_block=per_block, steps=steps)
-
-    def plot(self, path: str | os.PathLike[str], branches: Mapping[str, Sequence[str]] | None = None) -> Path:
-        """Heatmap of computed (dark) vs reused steps to a PNG; one row per key, or per branch when
-        ``branches`` (block path -> components, e.g. ``model.smoothcache.branches``) is given.
-
-        Needs matplotlib: ``pip install smoothcache-fx[plot]``.
-        """
-        from smoothcache_fx.plots import plot_schedule  # leaf module: matplotlib only, no runtime
-
-        return plot_schedule(self, path, branches=branches)
+        errors = errors_at(errors, steps)
+        alpha = alpha_for_speedup(errors, target, per_block)
+        schedule = cls.from_errors(errors, alpha, per_block=per_block)
+        return schedule.with_metadata(generator="for_speedup", target=target)
 
     # ------------------------------------------------------------------ I/O
 
@@ -288,8 +286,10 @@ class Schedule:
                 f"{_EXAMPLE} or the output of Schedule.to_dict()."
             )
         if "format" not in data and "version" not in data:
-            lengths = [len(v) for v in data.values() if isinstance(v, Sequence) and not isinstance(v, str)]
-            return cls(max(lengths, default=1), dict(data), {})
+            # Steps come from the validated masks, so arrays and tensors count like lists; when the
+            # lengths differ, the constructor names every key with its length.
+            masks = _validate_masks(data)
+            return cls(max(len(mask) for mask in masks.values()), masks, {})
         if data.get("format") != FORMAT_NAME:
             raise ValueError(
                 f"schedule format must be {FORMAT_NAME!r}; got {data.get('format')!r}. Pass a file written "
@@ -315,7 +315,9 @@ class Schedule:
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Schedule:
         """Load a schedule from a JSON file (either format) or an already parsed dict.
 
-        Reads JSON only; no tensors or device are touched.
+        Reads JSON only; no tensors or device are touched. Every failure names the file and what
+        to do: FileNotFoundError (or another OSError) when it cannot be read, ValueError when it is
+        not UTF-8 JSON or holds invalid masks, TypeError when a value has the wrong type.
 
         Example::
 
@@ -334,6 +336,17 @@ class Schedule:
             raise FileNotFoundError(
                 f"schedule path must name an existing JSON file; got {str(path)!r}, which does not exist. "
                 "Check the path (relative paths are from the current directory)."
+            ) from err
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"schedule file {str(path)!r} must be JSON text in UTF-8; got a byte that is not UTF-8 at "
+                f"offset {err.start} ({err.reason}). Pass the JSON file written by Schedule.save() or a "
+                "Roblox-style schedule, not a binary file such as weights or a picture."
+            ) from err
+        except OSError as err:  # a folder, no permission, ...: same type, with the path and the fix
+            raise type(err)(
+                f"schedule path must name a readable JSON file; got {str(path)!r} "
+                f"({err.strerror or err}). Pass a file, not a folder, that you may read."
             ) from err
         try:
             data = json.loads(text)
@@ -416,19 +429,28 @@ def _validate_key(key: Any) -> str:
 
 
 def _validate_mask(key: str, mask: Any) -> tuple[int, ...]:
+    """One 0/1 int per step, from a list or tuple of ints or bools, or a 1-D numpy array or tensor.
+
+    Arrays and numpy / torch scalars are recognised by their ``tolist`` (and ``ndim``) rather than
+    by type, so that loading a schedule imports neither numpy nor torch; their elements then pass
+    the same checks as a list's.
+    """
+    if hasattr(mask, "ndim") and hasattr(mask, "tolist"):
+        mask = _array_values(key, mask)
     if isinstance(mask, (str, bytes, Mapping, set, frozenset)) or not isinstance(mask, Iterable):
         raise TypeError(
-            f"the mask for {key!r} must be a list of 0/1, one per step; got {type(mask).__name__} {mask!r}."
+            f"the mask for {key!r} must be a list of 0/1, one per step; got {type(mask).__name__} {mask!r}. "
+            "Pass a list such as [1, 0, 1, ...] or a 1-D array of ints or bools."
         )
     values = []
     for step, value in enumerate(mask):
+        plain = value.tolist() if hasattr(value, "tolist") else value  # numpy scalar, 0-d tensor
         try:
-            number = int(value) if isinstance(value, bool) else operator.index(value)
+            number = int(plain) if isinstance(plain, bool) else operator.index(plain)
         except TypeError:
             raise TypeError(
                 f"mask values must be 0 or 1 (int or bool); got {value!r} ({type(value).__name__}) at step "
-                f"{step} of {key!r}. Use 1 to compute and 0 to reuse the cached output (convert arrays "
-                "with .tolist())."
+                f"{step} of {key!r}. Use 1 to compute and 0 to reuse the cached output."
             ) from None
         if number not in (0, 1):
             raise ValueError(
@@ -437,6 +459,26 @@ def _validate_mask(key: str, mask: Any) -> tuple[int, ...]:
             )
         values.append(number)
     return tuple(values)
+
+
+def _array_values(key: str, array: Any) -> list[Any]:
+    """The entries of a 1-D numpy array or tensor as Python scalars; any other shape is refused."""
+    if array.ndim != 1:
+        raise ValueError(
+            f"the mask for {key!r} must be one-dimensional, one 0/1 per step; got a {array.ndim}-D "
+            f"{type(array).__name__} of shape {tuple(array.shape)}. Give each key its own 1-D mask, "
+            "e.g. one row of a 2-D array per key."
+        )
+    values = array.tolist()
+    if not all(isinstance(value, int) for value in values):  # bool is an int too
+        odd = next(((step, v) for step, v in enumerate(values) if v not in (0, 1)), None)
+        where = "" if odd is None else f" with {odd[1]!r} at step {odd[0]}"
+        raise TypeError(
+            f"the mask for {key!r} must be an array of ints or bools, one 0/1 per step; got a "
+            f"{array.dtype} {type(array).__name__}{where}. Turn it into 0/1 first, e.g. (mask > 0.5), "
+            "or mask.astype(int) (numpy) / mask.int() (torch) when it holds only 0.0 and 1.0."
+        )
+    return values
 
 
 def _validate_masks(masks: Any) -> dict[str, tuple[int, ...]]:

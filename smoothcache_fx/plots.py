@@ -1,9 +1,16 @@
 """PNG plots of calibration errors and schedules (optional extra: ``pip install smoothcache-fx[plot]``).
 
-A leaf module: it imports matplotlib lazily and nothing of the runtime, so `Schedule.plot` and
-`CalibrationErrors.plot` can delegate here. Figures are drawn on matplotlib's Agg canvas directly
-(`matplotlib.figure.Figure`, not pyplot), so plotting neither needs a display nor changes the
-process-wide backend.
+Plotting lives here, not on `Schedule` or `CalibrationErrors`, because `schedules/` is pure data
+and maths: this module imports schedules, never the reverse. matplotlib is imported lazily, on the
+first plot. Figures are drawn on matplotlib's Agg canvas directly (`matplotlib.figure.Figure`, not
+pyplot), so plotting neither needs a display nor changes the process-wide backend.
+
+Example::
+
+    from smoothcache_fx.plots import plot_errors, plot_schedule
+
+    plot_errors(errors, "errors.png", alpha=0.18)
+    plot_schedule(schedule, "schedule.png")
 """
 
 from __future__ import annotations
@@ -11,13 +18,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from smoothcache_fx.schedules import Schedule
-    from smoothcache_fx.schedules.errors import CalibrationErrors
+from smoothcache_fx.schedules import Schedule
+from smoothcache_fx.schedules.errors import CalibrationErrors
 
 _COMPUTE_COLOUR = "#1f4e79"
 _REUSE_COLOUR = "#e8eef5"

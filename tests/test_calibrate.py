@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import smoothcache_fx
 from smoothcache_fx import CalibrationErrors, Schedule
+from smoothcache_fx.plots import plot_errors, plot_schedule
 from smoothcache_fx.schedules.from_errors import smoothcache_mask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -306,11 +307,13 @@ def test_plots_write_png_files(tmp_path):
     errors = _random_errors()
     schedule = Schedule.from_errors(errors, alpha=0.2, per_block=True)
     paths = [
-        errors.plot(tmp_path / "errors.png", alpha=0.2),
-        errors.plot(tmp_path / "errors_blocks.png", per_block=True),
-        schedule.plot(tmp_path / "schedule.png"),
-        Schedule.from_errors(errors, alpha=0.2).plot(
-            tmp_path / "branches.png", branches={"blocks.0": ("attn", "mlp"), "blocks.1": ("attn", "mlp")}
+        plot_errors(errors, tmp_path / "errors.png", alpha=0.2),
+        plot_errors(errors, tmp_path / "errors_blocks.png", per_block=True),
+        plot_schedule(schedule, tmp_path / "schedule.png"),
+        plot_schedule(
+            Schedule.from_errors(errors, alpha=0.2),
+            tmp_path / "branches.png",
+            branches={"blocks.0": ("attn", "mlp"), "blocks.1": ("attn", "mlp")},
         ),
     ]
     for path in paths:
@@ -321,7 +324,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"pip install smoothcache-fx\[plot\]"):
-        Schedule.uniform(4, 2, ["attn"]).plot(tmp_path / "schedule.png")
+        plot_schedule(Schedule.uniform(4, 2, ["attn"]), tmp_path / "schedule.png")
 
 
 # ---------------------------------------------------------------------- calibrate on real models
@@ -419,10 +422,11 @@ def test_calibrated_schedules_drive_the_model(dit_calibration, tmp_path):
         with torch.no_grad():
             _ddim_dit(cached)
         branches = cached.smoothcache.branches
-        assert schedule.plot(tmp_path / "schedule.png", branches=branches).read_bytes()[:8] == PNG_SIGNATURE
+        png = plot_schedule(schedule, tmp_path / "schedule.png", branches=branches)
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
         for path, stats in cached.smoothcache.stats.items():
             assert stats["reused"] == schedule.mask_for(path).count(False), path
-    assert errors.plot(tmp_path / "errors.png", alpha=0.3).read_bytes()[:8] == PNG_SIGNATURE
+    assert plot_errors(errors, tmp_path / "errors.png", alpha=0.3).read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_calibrate_a_pipeline_one_generation_per_call():

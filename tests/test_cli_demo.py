@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -80,6 +81,37 @@ def test_schedule_file_for_another_model(tmp_path, capsys):
 def test_schedule_file_with_another_step_count(tmp_path, capsys):
     assert _demo_with_schedule(tmp_path, {"attn1": [1, 0, 1], "ff": [1, 1, 1]}) == 2
     assert "Pass --steps 3" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Makes loading the demo model fail the test: a bad --schedule must be refused before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo loaded its model before checking --schedule")
+
+    monkeypatch.setattr("smoothcache_fx.demo.job.load_demo_model", refuse)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"missing\.json', which does not exist\. Check the path"),
+        (b"\x89PNG\r\n\x1a\n\xff\xfe", r"missing\.json' must be JSON text in UTF-8.*not a binary file"),
+        (b'{"attn1": "1011"}', r"missing\.json: the mask for 'attn1' must be a list of 0/1"),
+        (b'{"attn1": [1, 0, 1, 1], "ff": [1, 0, 2, 1]}', r"missing\.json: mask values must be 0 or 1"),
+    ],
+    ids=["missing", "binary", "mask-type", "mask-value"],
+)
+def test_bad_schedule_file_fails_before_any_model_work(tmp_path, capsys, no_model_work, content, message):
+    path = tmp_path / "missing.json"
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "o"
+    assert main(["demo", "--steps", "4", "--schedule", str(path), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert re.search(rf"^smoothcache-fx demo: error: .*{message}", captured.err), captured.err
+    assert "calibrating" not in captured.out and not out.exists()
 
 
 def test_conflicting_schedule_options(capsys):

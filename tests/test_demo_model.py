@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -85,3 +87,24 @@ def test_classifier_is_accurate_on_real_digits(classifier):
     held_out = test_mask(len(labels))
     accuracy = (classify(images[held_out], classifier) == labels[held_out]).float().mean().item()
     assert accuracy >= 0.97, accuracy
+
+
+@pytest.mark.parametrize(("size", "header_read"), [(4, False), (200_000, True)])
+def test_truncated_weights_name_the_file_and_the_fix(tmp_path, size, header_read):
+    from smoothcache_fx.demo.classifier import CLASSIFIER_WEIGHTS, DigitsClassifier
+    from smoothcache_fx.demo.weights import WEIGHTS_DIR, load_shipped_weights
+
+    path = tmp_path / CLASSIFIER_WEIGHTS
+    shutil.copyfile(WEIGHTS_DIR / CLASSIFIER_WEIGHTS, path)
+    full = path.stat().st_size
+    with path.open("r+b") as file:
+        file.truncate(size)  # 4 bytes cut the header's length short; 200 kB keep the header, not the data
+    with pytest.raises(ValueError) as info:
+        load_shipped_weights(DigitsClassifier(), CLASSIFIER_WEIGHTS, "classifier", directory=tmp_path)
+    message = str(info.value)
+    sizes = f"{size} bytes of the {full} its header names" if header_read else f"{size} bytes"
+    assert message.startswith(
+        f"classifier weights at {path} must be a complete safetensors file; got {sizes}, "
+    ), message
+    assert "The file is damaged" in message and "reinstall the package" in message
+    assert type(info.value.__cause__).__name__ == "SafetensorError"

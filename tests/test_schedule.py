@@ -86,6 +86,80 @@ def test_mask_values_accept_bools_and_numpy_ints():
     assert s.masks == {"attn1": (1, 0, 1), "ff": (1, 0, 0)}
 
 
+def _arrays():
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    return np, torch
+
+
+def test_numpy_arrays_and_tensors_are_masks_with_their_step_count():
+    np, torch = _arrays()
+    expected = {"attn1": (1, 0, 1, 1), "ff": (1, 1, 0, 1)}
+    for masks in (
+        {"attn1": np.array([1, 0, 1, 1]), "ff": torch.tensor([1, 1, 0, 1])},
+        {"attn1": np.array([True, False, True, True]), "ff": torch.tensor([True, True, False, True])},
+        {"attn1": np.array([1, 0, 1, 1], dtype=np.uint8), "ff": list(np.array([True, True, False, True]))},
+    ):
+        for s in (Schedule.load(masks), Schedule.from_dict(masks), Schedule(4, masks)):
+            assert s.steps == 4 and s.masks == expected
+            assert all(type(v) is int for mask in s.masks.values() for v in mask)
+    envelope = _schedule().to_dict() | {"masks": {"attn1": torch.tensor([1, 0, 1, 0])}}
+    assert Schedule.from_dict(envelope).masks == {"attn1": (1, 0, 1, 0)}
+
+
+def test_arrays_of_different_lengths_name_keys_and_lengths():
+    np, torch = _arrays()
+    with pytest.raises(ValueError, match=r"same length.*attn1=4, ff=3"):
+        Schedule.load({"attn1": np.array([1, 0, 1, 1]), "ff": torch.tensor([1, 1, 0])})
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (
+            lambda np, torch: np.ones((2, 4), dtype=int),
+            ValueError,
+            r"mask for 'ff' must be one-dimensional, one 0/1 per step; got a 2-D ndarray of shape "
+            r"\(2, 4\)\. Give each key its own 1-D mask",
+        ),
+        (
+            lambda np, torch: torch.tensor(1),
+            ValueError,
+            r"mask for 'ff' must be one-dimensional.*got a 0-D Tensor of shape \(\)",
+        ),
+        (
+            lambda np, torch: np.array([1.0, 0.5, 1.0, 1.0]),
+            TypeError,
+            r"mask for 'ff' must be an array of ints or bools, one 0/1 per step; got a float64 ndarray "
+            r"with 0\.5 at step 1\. Turn it into 0/1 first, e\.g\. \(mask > 0\.5\)",
+        ),
+        (
+            lambda np, torch: torch.tensor([1.0, 0.0, 1.0, 1.0]),
+            TypeError,
+            r"mask for 'ff' must be an array of ints or bools.*got a torch\.float32 Tensor\. .*"
+            r"mask\.int\(\) \(torch\) when it holds only 0\.0 and 1\.0",
+        ),
+        (
+            lambda np, torch: np.array([1, 2, 1, 1]),
+            ValueError,
+            r"mask values must be 0 or 1; got 2 at step 1 of 'ff'\. Use 1 to compute",
+        ),
+        (
+            lambda np, torch: torch.tensor([1, 0, -1, 1]),
+            ValueError,
+            r"mask values must be 0 or 1; got -1 at step 2 of 'ff'\. Use 1 to compute",
+        ),
+    ],
+    ids=["2d-numpy", "0d-tensor", "float-numpy", "float-tensor", "2-numpy", "minus-1-tensor"],
+)
+def test_arrays_that_are_not_1d_0_1_name_key_and_fix(make, error, message):
+    mask = make(*_arrays())
+    with pytest.raises(error, match=message):
+        Schedule.load({"attn1": [1, 0, 1, 1], "ff": mask})
+    with pytest.raises(error, match=message):
+        Schedule(4, {"attn1": [1, 0, 1, 1], "ff": mask})
+
+
 @pytest.mark.parametrize("mask", ["101", {"0": 1}, 1])
 def test_mask_must_be_a_list(mask):
     with pytest.raises(TypeError, match="mask for 'attn1' must be a list of 0/1"):
@@ -352,6 +426,53 @@ def test_missing_file(tmp_path):
     path = tmp_path / "nope.json"
     with pytest.raises(FileNotFoundError, match=r"nope\.json.*does not exist"):
         Schedule.load(path)
+
+
+@pytest.mark.parametrize(
+    ("write", "error", "message"),
+    [
+        (None, FileNotFoundError, r"'[^']*s\.json', which does not exist\. Check the path"),
+        (
+            lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff"),
+            ValueError,
+            r"schedule file '[^']*s\.json' must be JSON text in UTF-8; got a byte that is not UTF-8 at "
+            r"offset 0 .*not a binary file",
+        ),
+        (
+            lambda path: path.mkdir(),
+            IsADirectoryError,
+            r"must name a readable JSON file; got '[^']*s\.json' \(Is a directory\)\. Pass a file",
+        ),
+        (
+            lambda path: path.write_text('{"attn1": [1, 0'),
+            ValueError,
+            r"schedule file '[^']*s\.json' must contain valid JSON.*should hold an object",
+        ),
+        (
+            lambda path: path.write_text("[1, 0]"),
+            ValueError,
+            r"schedule file '[^']*s\.json' must contain a JSON object.*Write an object",
+        ),
+        (
+            lambda path: path.write_text('{"attn1": "1011"}'),
+            TypeError,
+            r"s\.json: the mask for 'attn1' must be a list of 0/1.*Pass a list",
+        ),
+        (
+            lambda path: path.write_text('{"attn1": [1, 0, 2]}'),
+            ValueError,
+            r"s\.json: mask values must be 0 or 1; got 2 .*Use 1 to compute",
+        ),
+    ],
+    ids=["missing", "binary", "folder", "not-json", "not-object", "mask-type", "mask-value"],
+)
+def test_every_load_failure_names_the_file_and_the_fix(tmp_path, write, error, message):
+    path = tmp_path / "s.json"
+    if write is not None:
+        write(path)
+    with pytest.raises(error, match=message) as info:
+        Schedule.load(path)
+    assert str(tmp_path) in str(info.value)
 
 
 def test_load_rejects_other_types():

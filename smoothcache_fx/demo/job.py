@@ -27,6 +27,7 @@ from smoothcache_fx.demo.model import (
     generate,
     load_demo_model,
 )
+from smoothcache_fx.plots import plot_errors, plot_schedule
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.transform import transform
 
@@ -57,7 +58,12 @@ class DemoOptions:
 
 
 def run_demo(options: DemoOptions, log=print) -> dict:
-    """Runs the whole demo and returns its results (also written to `<out>/results.json`)."""
+    """Runs the whole demo and returns its results (also written to `<out>/results.json`).
+
+    A `--schedule` file is checked first, before the output folder and any model work, so that a
+    bad one fails in a moment rather than after sampling and calibration.
+    """
+    given = None if options.schedule is None else load_schedule_for_demo(options.schedule, options.steps)
     out = _output_folder(options.out)
     model = load_demo_model()
     classifier = load_digits_classifier()
@@ -75,7 +81,9 @@ def run_demo(options: DemoOptions, log=print) -> dict:
     errors = _calibrate(model, options, labels, log)
     errors.save(out / "calibration_errors.json")
 
-    schedule, curve = _choose_schedule(model, errors, options, uncached, labels, classifier, sample, log)
+    schedule, curve = _choose_schedule(
+        model, errors, options, given, uncached, labels, classifier, sample, log
+    )
     schedule.save(out / "schedule.json")
     cached = sample(transform(copy.deepcopy(model), schedule))
 
@@ -148,11 +156,11 @@ def _calibrate(model, options: DemoOptions, labels, log):
     return calibrate(model, run, lookahead=3, steps=options.steps, progress=options.progress)
 
 
-def _choose_schedule(model, errors, options, uncached, labels, classifier, sample, log):
-    """--schedule, --alpha or --target as given; otherwise the fastest candidate target whose
-    samples keep the quality bar. Returns the schedule and the speed/quality curve measured."""
-    if options.schedule is not None:
-        return load_schedule_for_demo(options.schedule, options.steps), []
+def _choose_schedule(model, errors, options, given, uncached, labels, classifier, sample, log):
+    """The --schedule already loaded (`given`), --alpha or --target; otherwise the fastest candidate
+    target whose samples keep the quality bar. Returns the schedule and the speed/quality curve."""
+    if given is not None:
+        return given, []
     if options.alpha is not None:
         return Schedule.from_errors(errors, alpha=options.alpha), []
     if options.target is not None:
@@ -190,8 +198,18 @@ def _choose_schedule(model, errors, options, uncached, labels, classifier, sampl
 
 
 def load_schedule_for_demo(path: str, steps: int | None) -> Schedule:
-    """A schedule file checked against the demo DiT: its model, step count (None: any) and keys."""
-    schedule = Schedule.load(path)
+    """A schedule file checked against the demo DiT: its model, step count (None: any) and keys.
+
+    Every problem is a ValueError (FileNotFoundError for a missing file), because for the CLI a
+    malformed or unreadable file is a bad --schedule value like any other: it reports both as a
+    usage error (exit 2) without catching TypeError or OSError around the model work.
+    """
+    try:
+        schedule = Schedule.load(path)
+    except FileNotFoundError:
+        raise
+    except (TypeError, OSError) as error:  # Schedule.load's message names the file and the fix
+        raise ValueError(str(error)) from error
     model_class = schedule.metadata.get("model")
     if model_class not in (None, "DiTTransformer2DModel"):
         raise ValueError(
@@ -238,8 +256,8 @@ def _accuracy(images, labels, classifier) -> float:
 def _write_pictures(out: Path, uncached, cached, errors, schedule, model, log) -> None:
     _save_grid(out / "samples.png", uncached, cached)
     try:
-        errors.plot(out / "errors.png", alpha=schedule.metadata.get("alpha"))
-        schedule.plot(out / "schedule.png")
+        plot_errors(errors, out / "errors.png", alpha=schedule.metadata.get("alpha"))
+        plot_schedule(schedule, out / "schedule.png")
     except ImportError as error:
         log(f"skipped errors.png and schedule.png: {error}")
 
