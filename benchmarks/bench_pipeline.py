@@ -19,7 +19,7 @@ DiTPipeline). Every row shares the same parameter tensors and inputs:
 Timing: one warm-up generation per row (its excess over the steady state is the compile/capture
 time), then `--repeats` timed generations, interleaved across rows (row A, B, C, A, B, C, ...) so that
 drift on a shared machine hits every row alike; the median is reported. Ideal speedup is
-FLOPs(uncached)/FLOPs(row) from `FlopCounterMode` over one whole generation. Every row's final
+FLOPs(uncached)/FLOPs(row) from `smoothcache_fx.flops` over one whole generation. Every row's final
 latents are compared with an exact reference (all-compute rows with eager original, compiled rows
 with their eager twin, smoothcache_fx with dit-smoothcache for attn1-only schedules), so a
 fast-but-wrong row shows.
@@ -50,11 +50,12 @@ from pathlib import Path
 
 import torch
 from common import PeakMemory, Summary, environment, synchronize, timed
+from models import randomise_zero_init  # tests/models.py, on sys.path through common
 from torch._dynamo.utils import counters
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import smoothcache_fx
 from smoothcache_fx import Schedule
+from smoothcache_fx.flops import flop_counter
 
 PATCH = 2
 IN_CHANNELS = 4
@@ -100,19 +101,6 @@ def build_model(config: DiTConfig, seed: int, device: torch.device, dtype: torch
     if device.type != "meta":
         randomise_zero_init(model)
     return model.to(device, dtype).eval().requires_grad_(False)
-
-
-def randomise_zero_init(model: torch.nn.Module) -> torch.nn.Module:
-    """As tests/models.py `_randomise_zero_init`: adaLN-Zero gates and output projections start at
-    zero, which would make every residual branch contribute nothing. Each all-zero parameter gets
-    noise; std 1/sqrt(fan_in) (0.18 at the tests' width 32, close to their 0.2) keeps the gates O(1)
-    at widths 384-1152 so the residual stream does not blow up over 12-28 blocks."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.abs().max() == 0:
-                fan_in = param.shape[1] if param.dim() == 2 else param.shape[0]
-                param.normal_(std=fan_in**-0.5)
-    return model
 
 
 def share(model: torch.nn.Module) -> torch.nn.Module:
@@ -555,19 +543,10 @@ def measure_memory(rows: list[Row], inputs: Inputs, memory: PeakMemory) -> None:
         row.result["peak_bytes"] = memory.stop()
 
 
-# CPU SDPA dispatches to a flash kernel that FlopCounterMode has no formula for (torch 2.13 counts
-# the CUDA flash/efficient/cudnn variants only), which would drop attention from every count.
-_CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
-        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
-    )
-}
-
-
 def count_flops(row: Row, inputs: Inputs) -> int:
     """Matmul/conv/attention FLOPs of one whole generation of `row` (eager)."""
     generate(row, inputs, limit=1)  # capture/first-call work stays outside the count
-    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter:
+    with flop_counter() as counter:
         generate(row, inputs)
     return counter.get_total_flops()
 

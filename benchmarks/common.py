@@ -2,6 +2,11 @@
 
 Kept free of anything model specific so that any benchmark script can import it (run the scripts from
 the repository root: `python benchmarks/<name>.py`, which puts `benchmarks/` on `sys.path`).
+
+Importing it also puts `tests/` on `sys.path`, after `benchmarks/`: benchmarks import the test
+suite's models and references (`from models import randomise_zero_init`) instead of keeping copies
+that drift from them. tests/ is not a package; its modules import each other by name, as they do
+under pytest, which puts tests/ on `sys.path` the same way.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +29,10 @@ import torch
 # mark; getrusage's ru_maxrss cannot be reset, so it only moves when a new lifetime peak is reached.
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.insert(1, str(TESTS))
 
 
 def synchronize(device: torch.device) -> None:

@@ -58,3 +58,26 @@ def export_functional(root: torch.nn.Module, args: tuple) -> tuple[torch.export.
             warnings.filterwarnings("ignore", message=_LEAF_SPEC_DEPRECATION, category=FutureWarning)
             exported = exported.run_decompositions({})
     return exported, exported.call_spec.out_spec
+
+
+def cpu_sdpa_flop_formulas() -> dict:
+    """FLOP formulas for the CPU attention kernel, as `FlopCounterMode(custom_mapping=...)` takes them.
+
+    `F.scaled_dot_product_attention` on CPU dispatches to the private op
+    `aten._scaled_dot_product_flash_attention_for_cpu`, which has no entry in
+    `torch.utils.flop_counter.flop_registry` (checked on torch 2.13.0: only the CUDA flash,
+    efficient and cudnn kernels have one), so a count on CPU leaves attention's QK^T and PV matmuls
+    out. It is counted here with torch's own formula for the CUDA flash kernel, `sdpa_flop_count`
+    (FlopCounterMode hands a custom formula the argument shapes). Once torch registers the op, its
+    own formula is used and this returns no entry.
+    """
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry:
+        return {}
+
+    def cpu_sdpa_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    return {op: cpu_sdpa_flop}

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from smoothcache_fx.flops import flop_counter
 from smoothcache_fx.passes.branches import find_residual_branches
 from smoothcache_fx.passes.capture import call_signature, capture_block, structure_key
 from smoothcache_fx.schedules import Schedule
@@ -185,7 +185,7 @@ def _first_call(net: torch.nn.Module, blocks: dict, run: Callable) -> _FirstCall
     pre- and post-forward hooks, so nothing depends on how FlopCounterMode names modules.
     """
     first = _FirstCall()
-    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+    counter = flop_counter()
     counting = []  # non-empty while the counter is entered
     starts: dict[str, list[int]] = {}
 
@@ -238,23 +238,6 @@ def _first_call(net: torch.nn.Module, blocks: dict, run: Callable) -> _FirstCall
             "callable that generates with this model, e.g. lambda: pipe(num_inference_steps=50)."
         )
     return first
-
-
-def _extra_flop_formulas() -> dict:
-    """CPU attention (`_scaled_dot_product_flash_attention_for_cpu`) has no entry in torch's FLOP
-    registry (torch 2.13), so attention would count only its projections; count it with torch's
-    own formula for the CUDA flash kernel (`sdpa_flop_count`: QK^T and PV matmuls)."""
-    from torch.utils import flop_counter
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    count = getattr(flop_counter, "sdpa_flop_count", None)
-    if op is None or count is None or op in flop_counter.flop_registry:
-        return {}
-
-    def cpu_sdpa_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return count(query, key, value)  # FlopCounterMode passes shapes here (shape_wrapper)
-
-    return {op: cpu_sdpa_flop}
 
 
 def _timestep_value(net: torch.nn.Module, args: tuple, kwargs: dict) -> float | None:

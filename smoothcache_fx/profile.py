@@ -30,6 +30,7 @@ from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 from smoothcache_fx.block import SCHEDULE_BUFFER
+from smoothcache_fx.flops import flop_counter
 from smoothcache_fx.passes.annotate import (
     RANGE_PREFIX,
     add_split_ranges,
@@ -98,7 +99,7 @@ class ProfileReport:
     around model calls. `kernel_s` sums self time over all operator/kernel rows (device time on
     CUDA), `interpreter_s` the self time of the smoothcache ranges (Python between ops inside steps);
     on CPU the two add up to the profiled time of the run. Speedups are all-compute over cached:
-    `ideal_speedup` from FLOPs (torch.utils.flop_counter), `achieved_speedup` from model time, with
+    `ideal_speedup` from FLOPs (`smoothcache_fx.flops`), `achieved_speedup` from model time, with
     `baseline=True`.
     """
 
@@ -362,7 +363,7 @@ def _count_flops(run, runtime, clock: _StepClock) -> list[_Call]:
     config = runtime.compile_config
     runtime.compile_config = dataclasses.replace(config, enabled=False)
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             clock.flop_counter = counter
             calls, _ = _run_once(run, runtime, clock)
     finally:
@@ -736,7 +737,9 @@ def _notes(runtime, device: torch.device, branches: bool) -> list[str]:
         )
     if device.type == "cuda":
         notes.append("CUDA: branch and kernel times are device time; step walls are synchronised.")
-    notes.append("FLOPs count matmul-class ops (torch.utils.flop_counter); elementwise work is free there.")
+    notes.append(
+        "FLOPs count matmul-class ops and attention (smoothcache_fx.flops); elementwise work is free there."
+    )
     return notes
 
 

@@ -1,7 +1,7 @@
-"""Model coverage: the contract suite of `smoothcache_fx.coverage` on a subset of diffusers families,
-and the branch pattern's generalisations on hand-written blocks.
+"""Model coverage: the contract suite of `coverage_checks.py` on a subset of diffusers families, and
+the branch pattern's generalisations on hand-written blocks.
 
-The full table (every family, inductor) is `python -m smoothcache_fx.coverage`, written to
+The full table (every family, inductor) is `python tests/coverage_report.py`, written to
 COVERAGE.md; here DiT, PixArt, SD3 and Flux run eagerly and DiT also compiles (aot_eager: the check
 is about graph breaks and recompiles, which do not depend on the backend), in about 50 s on 2 cores.
 """
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import copy
 
+import coverage_checks as checks
+import coverage_report
 import pytest
 import torch
+from coverage_families import FAMILIES, Family
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import smoothcache_fx
-from smoothcache_fx import Schedule, coverage
+from smoothcache_fx import Schedule
 from smoothcache_fx.passes.branches import find_residual_branches
 from smoothcache_fx.passes.capture import capture_block
 
@@ -46,7 +49,7 @@ def results():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: more threads only spin on a shared 2-core machine
     try:
-        yield {name: coverage.run_family(name, COMPILED.get(name), bf16=False) for name in EXPECTED}
+        yield {name: checks.run_family(name, COMPILED.get(name), bf16=False) for name in EXPECTED}
     finally:
         torch.set_num_threads(threads)
 
@@ -57,11 +60,11 @@ def test_family_is_green(results, family):
     assert not result.errors
     assert result.branches == EXPECTED[family]
     assert result.expected_ok
-    assert result.all_compute_diff <= coverage.ALL_COMPUTE_TOL
-    assert result.cached_diff <= coverage.CACHED_TOL
+    assert result.all_compute_diff <= checks.ALL_COMPUTE_TOL
+    assert result.cached_diff <= checks.CACHED_TOL
     assert result.counts_ok
-    assert result.cache_effect > coverage.MIN_CACHE_EFFECT
-    assert result.graph_form_diff <= coverage.CACHED_TOL
+    assert result.cache_effect > checks.MIN_CACHE_EFFECT
+    assert result.graph_form_diff <= checks.CACHED_TOL
     assert result.green
 
 
@@ -71,12 +74,12 @@ def test_compiled_family_has_no_graph_breaks_or_recompiles(results):
     assert result.compiled_graphs == 2  # one structure, two masks (compute all / reuse all)
     assert result.graph_breaks == 0
     assert result.recompiles == 0
-    assert result.compile_diff <= coverage.COMPILED_TOL
+    assert result.compile_diff <= checks.COMPILED_TOL
 
 
 def test_table_has_the_command_and_one_row_per_family(results):
-    table = coverage.render_table(list(results.values()), "python -m smoothcache_fx.coverage --out X.md")
-    assert "python -m smoothcache_fx.coverage --out X.md" in table
+    table = coverage_report.render_table(list(results.values()), "python tests/coverage_report.py --out X.md")
+    assert "python tests/coverage_report.py --out X.md" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(EXPECTED)
     assert "**4 of 4 families green.**" in table
@@ -84,19 +87,19 @@ def test_table_has_the_command_and_one_row_per_family(results):
 
 
 def test_a_wrong_expectation_is_reported_not_raised(monkeypatch):
-    family = coverage.FAMILIES["dit"]
-    wrong = coverage.Family(family.model_class, family.config, family.inputs, {"*": ("attn1", "attn2", "ff")})
-    monkeypatch.setitem(coverage.FAMILIES, "dit", wrong)
-    result = coverage.run_family("dit", compile_backend=None, bf16=False)
+    family = FAMILIES["dit"]
+    wrong = Family(family.model_class, family.config, family.inputs, {"*": ("attn1", "attn2", "ff")})
+    monkeypatch.setitem(FAMILIES, "dit", wrong)
+    result = checks.run_family("dit", compile_backend=None, bf16=False)
     assert result.expected_ok is False and not result.green
     assert result.branches["transformer_blocks.0"] == ("attn1", "ff")
     assert result.all_compute_diff is not None  # rerun on the branches that were found
-    assert "expected {" in coverage.render_table([result], "cmd")
+    assert "expected {" in coverage_report.render_table([result], "cmd")
 
 
 def test_cli_rejects_unknown_families():
     with pytest.raises(SystemExit):
-        coverage.main(["--families", "dit,nope"])
+        coverage_report.main(["--families", "dit,nope"])
 
 
 # -- the pattern's generalisations, on blocks the diffusers subset above does not cover ---------------
