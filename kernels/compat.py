@@ -36,10 +36,78 @@ def quiet_missing_triton() -> Iterator[None]:
         logger.setLevel(level)
 
 
-# torch.export keeps process-wide state while it traces (the dispatch mode stack, the active fake
-# tensor mode): two exports running at once in two threads fail inside torch with mode-stack and
-# fake-tensor assertions. Every capture takes this lock; one process, one export at a time.
-EXPORT_LOCK = threading.RLock()
+class CaptureGate:
+    """Transformed-model calls share the process; a capture (torch.export) has it alone.
+
+    torch.export and torch.compile set process-wide flags while they trace
+    (`torch.compiler.is_compiling()` / `is_exporting()`, the fx traceback's `current_meta`, the
+    dispatch mode stack). Two exports at once in two threads fail inside torch with mode-stack and
+    fake-tensor assertions, and an eager call in another thread that passes through a
+    `torch.compiler.disable` wrapper (every block dispatch does) sees the flags and races on
+    `current_meta` ("KeyError: 'custom'"). So a model call holds the gate shared, and a capture
+    holds it exclusively: captures are serialised and no model call runs during one. A thread that
+    captures from inside its own model call (the first call of a block) gives up its share while
+    it waits, so two threads capturing at once cannot deadlock. Writers are preferred, so a
+    capture is not starved by a stream of calls.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writer: int | None = None
+        self._writers_waiting = 0
+        self._local = threading.local()
+
+    def _shares(self) -> int:
+        return getattr(self._local, "shares", 0)
+
+    def acquire_shared(self) -> None:
+        if self._shares() or self._writer == threading.get_ident():
+            self._local.shares = self._shares() + 1  # nested call in this thread
+            return
+        with self._condition:
+            while self._writer is not None or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+        self._local.shares = 1
+
+    def release_shared(self) -> None:
+        shares = self._shares()
+        if shares == 0:
+            return  # a call whose pre-hook never ran (it raised before taking its share)
+        self._local.shares = shares - 1
+        if shares > 1 or self._writer == threading.get_ident():
+            return
+        with self._condition:
+            self._readers -= 1
+            self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:
+            yield  # already exclusive (a capture inside a capture)
+            return
+        held = self._shares()
+        with self._condition:
+            if held:
+                self._readers -= 1  # give up this thread's share while waiting
+            self._writers_waiting += 1
+            while self._writer is not None or self._readers:
+                self._condition.wait()
+            self._writers_waiting -= 1
+            self._writer = me
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer = None
+                if held:
+                    self._readers += 1
+                self._condition.notify_all()
+
+
+CAPTURE_GATE = CaptureGate()
 
 
 def export_functional(root: torch.nn.Module, args: tuple) -> tuple[torch.export.ExportedProgram, object]:
@@ -52,7 +120,7 @@ def export_functional(root: torch.nn.Module, args: tuple) -> tuple[torch.export.
     dropped (`run_decompositions` unlifts through it), so that one message is filtered for the
     duration of the call and nothing else.
     """
-    with EXPORT_LOCK:
+    with CAPTURE_GATE.exclusive():
         exported = torch.export.export(root, args, strict=False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_LEAF_SPEC_DEPRECATION, category=FutureWarning)

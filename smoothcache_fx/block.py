@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
+from smoothcache_fx.dependencies import CaptureDependencies
 from smoothcache_fx.passes.branches import BlockBranches, find_residual_branches
 from smoothcache_fx.passes.capture import (
     CallSignature,
@@ -66,6 +67,7 @@ class _Capture:
 
     shared: SharedCapture
     masks: dict[str, tuple[bool, ...]]
+    dependencies: CaptureDependencies
     state_owners: tuple[tuple[dict, str], ...] = ()
 
     @property
@@ -94,6 +96,8 @@ class BlockState:
         self.last_call: tuple[int, int, int] | None = None
         self.computed: dict[str, int] = {}
         self.reused: dict[str, int] = {}
+        # Why this block cannot be captured (it then runs as the model wrote it), or None.
+        self.uncapturable: str | None = None
 
     # -- what the runtime reads ---------------------------------------------------------------
     @property
@@ -109,16 +113,16 @@ class BlockState:
         self.last_call = None
 
     # -- dispatch -------------------------------------------------------------------------------
-    @torch.compiler.disable(reason=_DISPATCH_NOT_TRACED)
     def run(self, block: torch.nn.Module, args: tuple, kwargs: dict):
-        """Run one step of the block. Never traced: a user's torch.compile around the model breaks
-        the graph here instead of guarding on the step (which would recompile every step)."""
+        """Run one step of the block, eagerly (see `run_untraced` for the traced case)."""
         runtime = self.runtime
-        if not runtime.in_model_call:
+        if not runtime.in_model_call or self.uncapturable is not None:
             return self.original_class.forward(block, *args, **kwargs)
         _check_grad_mode(block, self.path)
         signature, tensors = call_signature(args, kwargs)
         entry = self._entry_for(block, signature, args, kwargs)
+        if entry is None:  # just found uncapturable: this call and every later one run uncached
+            return self.original_class.forward(block, *args, **kwargs)
         call_id = (runtime.generations, runtime.step, runtime.slot)
         if self.last_call == call_id:
             raise NotImplementedError(
@@ -141,6 +145,10 @@ class BlockState:
             counter = self.computed if on else self.reused
             counter[name] = counter.get(name, 0) + 1
         return tree_unflatten(list(flat), entry.captured.out_spec)
+
+    # What a block's forward calls under dynamo (a user's torch.compile around the model): a graph
+    # break with the reason, instead of guarding on the step (which would recompile every step).
+    run_untraced = torch.compiler.disable(run, reason=_DISPATCH_NOT_TRACED)
 
     def run_graph_form(self, block: torch.nn.Module, args: tuple, kwargs: dict):
         """One step in the single-graph form: the step is a tensor, each component a `torch.cond`.
@@ -178,7 +186,10 @@ class BlockState:
     def _entry_for(self, block, signature: CallSignature, args, kwargs) -> _Capture:
         current = self.current
         if current is not None and current.captured.signature == signature:
-            return current
+            change = current.dependencies.changed()
+            if change is None:
+                return current
+            return self._capture_again(block, signature, args, kwargs, change)
         if current is not None and (self.runtime.step != 0 or self.runtime.slot != 0):
             change = current.captured.signature.describe_change(signature)
             raise RuntimeError(
@@ -190,6 +201,8 @@ class BlockState:
         entry = self.captures.get(signature)
         if entry is None:
             entry = self._capture(block, args, kwargs)
+            if entry is None:
+                return None
             self.captures[signature] = entry
         self.current = entry
         self.written.clear()
@@ -203,13 +216,65 @@ class BlockState:
             _register_schedule_table(block, entry, self.runtime.schedule.steps)
         return entry
 
+    def _capture_graph(self, block, args, kwargs) -> CapturedBlock | None:
+        """torch.export of the block, or None (with one warning per block class) when it cannot be
+        exported: such a block runs as the model wrote it, uncached; `strict=True` raises instead.
+
+        Export fails in many ways (data-dependent control flow, `.numpy()`, untraceable calls),
+        each with its own exception type, so every exception counts as "cannot be captured"; the
+        original is chained to the error in strict mode and named in the warning otherwise.
+        """
+        try:
+            with torch.inference_mode(False):
+                return capture_block(block, self.original_class.forward, args, kwargs)
+        except Exception as error:
+            reason = (
+                f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            )
+            name = self.original_class.__name__
+            remedy = (
+                "Make the block's forward traceable by torch.export (no data-dependent Python "
+                "control flow, no .item()/.numpy()), or leave it out with transform(..., blocks=[...])."
+            )
+            if self.runtime.strict:
+                raise NotImplementedError(
+                    f"block {self.path!r} ({name}) cannot be captured by torch.export: {reason}. {remedy}"
+                ) from error
+            self.uncapturable = reason
+            self.runtime.warn_uncapturable(name, self.path, reason, remedy)
+            return None
+
+    def _capture_again(self, block, signature: CallSignature, args, kwargs, change: str) -> _Capture:
+        """The block changed what its capture depends on: capture it again (its variants are
+        specialised and compiled again). Caches written this generation stay valid: same call,
+        same branch outputs' shapes."""
+        self.runtime.recaptured.append(f"{self.path}: {change}")
+        components = self.current.branches.components
+        self.captures.clear()
+        entry = self._capture(block, args, kwargs)
+        self.captures[signature] = entry
+        self.current = entry
+        if entry.branches.components != components:
+            self.written.clear()
+        _allocate_caches(
+            block,
+            entry,
+            static=self.runtime.compile_config.uses_cuda_graphs,
+            slots=self.runtime.calls_per_step,
+        )
+        if self.runtime.form == "graph":
+            _register_schedule_table(block, entry, self.runtime.schedule.steps)
+        return entry
+
     def _capture(self, block, args, kwargs) -> _Capture:
         signature, _ = call_signature(args, kwargs)
-        shared_key = (self.original_class, structure_key(block), signature)
+        dependencies = CaptureDependencies(block)
+        shared_key = (self.original_class, structure_key(block), signature, dependencies.key())
         shared = self.runtime.captured_graphs.get(shared_key)
         if shared is None:
-            with torch.inference_mode(False):
-                captured = capture_block(block, self.original_class.forward, args, kwargs)
+            captured = self._capture_graph(block, args, kwargs)
+            if captured is None:
+                return None
             shared = SharedCapture(captured, find_residual_branches(captured.graph_module.graph))
             self.runtime.captured_graphs[shared_key] = shared
         shared.blocks.append(self.path)
@@ -222,7 +287,7 @@ class BlockState:
             # wrote it, it costs nothing (no cache buffer, no cache write, the model's own add).
             if mask is not None and (not all(mask) or self.runtime.record_branches):
                 masks[component] = tuple(bool(v) for v in mask)
-        return _Capture(shared, masks, _state_owners(block, shared.captured.state_names))
+        return _Capture(shared, masks, dependencies, _state_owners(block, shared.captured.state_names))
 
     def _variant(
         self, entry: _Capture, compute: dict[str, bool], tensors

@@ -105,8 +105,10 @@ class TimestepRule:
             if timestep == seen[0]:
                 raise AmbiguousGenerationError(
                     f"the model was called twice in a row with timestep {timestep:g}: a warm-up call "
-                    "followed by a generation, or a sampler that repeats its first timestep? "
-                    f"smoothcache_fx cannot tell which. {_MARK_GENERATIONS}"
+                    "(or a loop that stopped after one step) followed by a generation, or a sampler "
+                    "that calls the model more than once per step? smoothcache_fx cannot tell which. "
+                    f"{_MARK_GENERATIONS} A sampler with N calls per step needs "
+                    "transform(..., calls_per_step=N)."
                 )
             return False
         direction = _direction(seen)

@@ -9,6 +9,8 @@ step value ever reaches a traced graph.
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -17,7 +19,10 @@ from torch.utils._pytree import tree_flatten
 from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState, cache_name
 from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.generation import GenerationClock, timestep_of
+from smoothcache_fx.kernels.compat import CAPTURE_GATE
 from smoothcache_fx.schedules import Schedule
+
+LOGGER = logging.getLogger("smoothcache_fx")
 
 _CLOCK_NOT_TRACED = (
     "smoothcache_fx advances its step clock in Python outside traced code (a traced step would "
@@ -44,8 +49,12 @@ class SmoothCacheRuntime:
         compile_config: CompileConfig | None = None,
         form: str = "variants",
         calls_per_step: int = 1,
+        strict: bool = False,
     ):
         self.model = model
+        # strict: a block that torch.export cannot capture is an error instead of running uncached.
+        self.strict = strict
+        self._warned_classes: set[str] = set()
         self.form = form
         # Model calls per schedule step (unbatched classifier-free guidance: 2). Call `slot` of a
         # step has caches of its own, so the unconditional call never reads the conditional one's.
@@ -59,6 +68,8 @@ class SmoothCacheRuntime:
         # Blocks of identical structure share one captured graph (parameters are graph inputs).
         self.captured_graphs: dict[tuple, tuple] = {}
         self.in_model_call = False
+        # Blocks captured again during the current model call, and why; logged once per call.
+        self.recaptured: list[str] = []
         # Set by smoothcache_fx.profile() only: returns each block's variant with profiler ranges.
         self.annotator = None
         # Set by smoothcache_fx.calibrate() only: every scheduled branch writes its cache, even one
@@ -68,6 +79,8 @@ class SmoothCacheRuntime:
         self._hooks = [
             model.register_forward_pre_hook(self._before_model_call, with_kwargs=True),
             model.register_forward_hook(self._after_model_call),
+            # Last, and also when the call raised: the call's share of the capture gate.
+            model.register_forward_hook(self._release_gate, always_call=True),
         ]
 
     # -- public -------------------------------------------------------------------------------
@@ -234,15 +247,36 @@ class SmoothCacheRuntime:
         for state in self._states():
             state.reset()
 
+    # The hooks below run eagerly in the common case. Under dynamo (a user's torch.compile of the
+    # model) they call `torch.compiler.disable`d twins instead, which break the graph there with a
+    # message; `is_dynamo_compiling()` is a constant, unlike `is_compiling()`, a process-wide flag
+    # that another thread's torch.export sets (see kernels/compat.py, CaptureGate).
     def _before_model_call(self, module, args, kwargs) -> None:
         if self.form == "graph" and torch.compiler.is_compiling():
             return  # the traced graph keeps its own step; the Python clock is for eager runs
-        self._place_call(module, args, kwargs)
+        if torch.compiler.is_dynamo_compiling():
+            return self._place_call_untraced(module, args, kwargs)
+        return self._place_call(module, args, kwargs)
 
-    @torch.compiler.disable(reason=_CLOCK_NOT_TRACED)
+    def _after_model_call(self, module, args, output) -> None:
+        if self.form == "graph" and torch.compiler.is_compiling():
+            return
+        if torch.compiler.is_dynamo_compiling():
+            return self._finish_call_untraced()
+        return self._finish_call()
+
+    def _release_gate(self, module, args, output) -> None:
+        if self.form == "graph" and torch.compiler.is_compiling():
+            return
+        if torch.compiler.is_dynamo_compiling():
+            return self._release_gate_untraced()
+        return CAPTURE_GATE.release_shared()
+
     def _place_call(self, module, args, kwargs) -> None:
         """Decide which generation and step this call runs (never traced: it reads the timestep's
-        value and the thread, and a traced step would recompile every step)."""
+        value and the thread, and a traced step would recompile every step). First takes the
+        call's share of the capture gate: no other thread's capture runs during this call."""
+        CAPTURE_GATE.acquire_shared()
         self.clock.check_thread()
         _refuse_gradients(module, args, kwargs)  # before the clock moves
         if self.in_model_call:  # the previous call raised half way: its generation is void
@@ -258,17 +292,38 @@ class SmoothCacheRuntime:
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the last step are consumed
         self.in_model_call = True
 
-    def _after_model_call(self, module, args, output) -> None:
-        if self.form == "graph" and torch.compiler.is_compiling():
-            return
-        self._finish_call()
-
-    @torch.compiler.disable(reason=_CLOCK_NOT_TRACED)
     def _finish_call(self) -> None:
         self.in_model_call = False
+        if self.recaptured:
+            LOGGER.info(
+                "smoothcache_fx: captured %d block(s) of %s again: %s",
+                len(self.recaptured),
+                self.model_class,
+                "; ".join(self.recaptured),
+            )
+            self.recaptured = []
         if not self._validated:
             self._validate_branches()
         self.clock.after_call()
+
+    _place_call_untraced = torch.compiler.disable(_place_call, reason=_CLOCK_NOT_TRACED)
+    _finish_call_untraced = torch.compiler.disable(_finish_call, reason=_CLOCK_NOT_TRACED)
+
+    @torch.compiler.disable(reason=_CLOCK_NOT_TRACED)
+    def _release_gate_untraced(self) -> None:
+        CAPTURE_GATE.release_shared()
+
+    def warn_uncapturable(self, name: str, path: str, reason: str, remedy: str) -> None:
+        """One warning per block class that torch.export cannot capture."""
+        if name in self._warned_classes:
+            return
+        self._warned_classes.add(name)
+        warnings.warn(
+            f"smoothcache_fx: blocks of class {name} (first: {path!r}) cannot be captured by "
+            f"torch.export ({reason}); they run as the model wrote them, uncached. {remedy} "
+            "Pass transform(..., strict=True) to make this an error.",
+            stacklevel=2,
+        )
 
     def _validate_branches(self) -> None:
         self._validated = True
@@ -276,8 +331,10 @@ class SmoothCacheRuntime:
         if not paths:
             self.reset()
             classes = sorted({state.original_class.__name__ for _, state in self._items()})
+            uncapturable = sorted({s.original_class.__name__ for _, s in self._items() if s.uncapturable})
+            why = f" ({', '.join(uncapturable)} could not be captured at all)" if uncapturable else ""
             raise NotImplementedError(
-                f"no residual branch found in {self.model_class}: inspected block classes {classes} "
+                f"no residual branch found in {self.model_class}: inspected block classes {classes}{why} "
                 "for `residual + gate * X` or `residual + X` where X is the output of a direct child "
                 "module. Pass the transformer blocks explicitly with transform(..., blocks=[...])."
             )

@@ -34,6 +34,7 @@ def transform(
     max_variants: int = DEFAULT_MAX_VARIANTS,
     form: str = "variants",
     calls_per_step: int = 1,
+    strict: bool = False,
 ):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
@@ -66,6 +67,8 @@ def transform(
             Wan, Lumina2, Flux true CFG call it twice). Each call of a step gets caches of its own,
             so a reused branch in the unconditional call reads the unconditional output. Variants
             form only.
+        strict: a block that torch.export cannot capture (data-dependent routing, `.numpy()`)
+            raises instead of running uncached with a warning.
 
     Returns:
         The same object, transformed.
@@ -110,7 +113,7 @@ def transform(
         max_variants=max_variants,
     )
     if _is_pipeline(model):
-        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step)
+        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict)
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -122,7 +125,9 @@ def transform(
             f"{type(model).__name__} is already transformed by smoothcache_fx. To change the schedule "
             "call model.smoothcache.set_schedule(schedule) instead of transforming it again."
         )
-    _install(model, schedule, find_blocks(model, blocks), kernel, compile_config, form, calls_per_step)
+    _install(
+        model, schedule, find_blocks(model, blocks), kernel, compile_config, form, calls_per_step, strict
+    )
     return model
 
 
@@ -151,8 +156,9 @@ def _install(
     compile_config: CompileConfig,
     form: str,
     calls_per_step: int = 1,
+    strict: bool = False,
 ) -> None:
-    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form, calls_per_step)
+    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form, calls_per_step, strict)
     for path, block in found.items():
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
@@ -195,8 +201,22 @@ def _module_list_blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             continue
         for index, child in enumerate(module):
             if any(True for _ in child.children()):
-                found[f"{path}.{index}" if path else str(index)] = child
+                child_path, child = _look_through_wrappers(f"{path}.{index}" if path else str(index), child)
+                found[child_path] = child
     return found
+
+
+def _look_through_wrappers(path: str, module: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """A module with exactly one child and no state of its own (HiDream wraps each block in one)
+    holds its residual branches one level down: the block is the child."""
+    while True:
+        children = list(module.named_children())
+        if len(children) != 1 or module._parameters or module._buffers:
+            return path, module
+        name, child = children[0]
+        if not any(True for _ in child.children()):
+            return path, module
+        path, module = f"{path}.{name}", child
 
 
 def _selected_blocks(model: torch.nn.Module, blocks: Iterable) -> dict[str, torch.nn.Module]:
@@ -236,7 +256,10 @@ def _block_class(original: type, form: str) -> type:
         else:
 
             def forward(self, *args, **kwargs):
-                return self._smoothcache_state.run(self, args, kwargs)
+                state = self._smoothcache_state
+                if torch.compiler.is_dynamo_compiling():
+                    return state.run_untraced(self, args, kwargs)
+                return state.run(self, args, kwargs)
 
         cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
@@ -276,6 +299,7 @@ def _transform_pipeline(
     compile_config: CompileConfig,
     form: str,
     calls_per_step: int = 1,
+    strict: bool = False,
 ) -> None:
     if "smoothcache" in pipe.transformer.__dict__:
         raise RuntimeError(
@@ -283,7 +307,7 @@ def _transform_pipeline(
             "schedule call pipe.transformer.smoothcache.set_schedule(schedule)."
         )
     found = find_blocks(pipe.transformer, blocks)
-    _install(pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step)
+    _install(pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict)
     pipe.__class__ = _pipeline_class(type(pipe))
 
 

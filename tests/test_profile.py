@@ -257,7 +257,7 @@ def test_run_that_never_calls_the_model():
     with pytest.raises(ValueError, match=r"run must call the model.*0 model calls"):
         smoothcache_fx.profile(model, lambda: None)
     assert model.smoothcache.annotator is None
-    assert len(model._forward_hooks) == 1 and len(model._forward_pre_hooks) == 1  # the runtime's own
+    assert len(model._forward_hooks) == 2 and len(model._forward_pre_hooks) == 1  # the runtime's own
 
 
 def test_untransformed_model_and_bad_arguments():
