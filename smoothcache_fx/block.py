@@ -135,8 +135,8 @@ class BlockState:
         variant, run_graph = self._variant(entry, compute, tensors)
         if runtime.compile_config.enabled:
             tensors = _contiguous(tensors)
-        if runtime.annotator is not None:  # only inside smoothcache_fx.profile(): ranges per branch
-            run_graph = runtime.annotator(self.path, entry.shared, variant, tensors)
+        if runtime.tools.annotator is not None:  # only inside smoothcache_fx.profile()
+            run_graph = runtime.tools.annotator(self.path, entry.shared, variant, tensors)
         caches = self._caches(block, variant)
         state = [table[name] for table, name in entry.state_owners]
         flat = run_graph(*state, *entry.captured.constants, *tensors, *caches)
@@ -285,7 +285,7 @@ class BlockState:
             mask = schedule.mask_for(f"{self.path}.{component}")
             # A branch that computes at every step is never read from a cache: left as the model
             # wrote it, it costs nothing (no cache buffer, no cache write, the model's own add).
-            if mask is not None and (not all(mask) or self.runtime.record_branches):
+            if mask is not None and (not all(mask) or self.runtime.tools.record_branches):
                 masks[component] = tuple(bool(v) for v in mask)
         return _Capture(shared, masks, dependencies, _state_owners(block, shared.captured.state_names))
 
@@ -303,7 +303,7 @@ class BlockState:
             shared.variants[key] = variant
         shared.calls[key] = shared.calls.get(key, 0) + 1
         config = self.runtime.compile_config
-        if not config.enabled:
+        if not config.enabled or self.runtime.tools.eager:
             return variant, variant.graph_module
         run_graph = shared.compiled.get(key)
         if run_graph is None:

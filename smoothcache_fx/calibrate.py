@@ -31,6 +31,7 @@ import torch
 from smoothcache_fx.flops import flop_counter
 from smoothcache_fx.passes.branches import find_residual_branches
 from smoothcache_fx.passes.capture import call_signature, capture_block, structure_key
+from smoothcache_fx.runtime import ToolOptions
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.schedules.errors import CalibrationErrors
 from smoothcache_fx.transform import _is_pipeline, find_blocks, transform, untransform
@@ -129,13 +130,14 @@ def calibrate(
         # One step is enough: under an all-compute schedule every call computes every branch, so
         # the runtime's clock may wrap at every call; generations are delimited here instead.
         transform(net, schedule, blocks=list(found))
-        net.smoothcache.record_branches = True  # all-compute: caches are written only when asked
         hooks.append(
             net.register_forward_pre_hook(partial(_before_call, boundaries, recorder), with_kwargs=True)
         )
         hooks.append(net.register_forward_hook(partial(_after_call, recorder)))
         marking = _marking_pipeline_calls(pipe, boundaries) if pipe is not None else contextlib.nullcontext()
-        with marking, torch.no_grad():
+        # All-compute: caches are written only when asked, and here every branch's is read.
+        recording = net.smoothcache.using(ToolOptions(record_branches=True))
+        with marking, recording, torch.no_grad():
             run()
         recorder.finish_generation()
     finally:

@@ -7,7 +7,7 @@ each model call (forward hooks, in Python), `smoothcache/<block path>` around ea
 the report sums them per step, per branch and per kernel.
 
 Annotation costs nothing outside `profile`: the runtime runs annotated variants only while
-`runtime.annotator` is set, which only `profile` does. Eager variants are annotated inline. Inductor
+`ToolOptions.annotator` is set, which only `profile` does. Eager variants are annotated inline. Inductor
 drops profiler ops from what it compiles, so compiled variants are split at branch boundaries for
 profiling, each segment compiled on its own, with the ranges between the compiled calls; the report
 says so (the split costs the fusion across a boundary and one compiled-call overhead per segment).
@@ -39,6 +39,7 @@ from smoothcache_fx.passes.annotate import (
     split_block,
     step_range,
 )
+from smoothcache_fx.runtime import ToolOptions
 
 FORMAT_VERSION = 1
 DEFAULT_TOP = 15
@@ -231,9 +232,9 @@ def profile(
     annotator = _BranchAnnotator(runtime) if branches else None
     notes = _notes(runtime, device, branches)
     clock = _StepClock(runtime, device)
+    tools = ToolOptions(annotator=annotator)
     try:
-        with _kernel_profiling(runtime, device):
-            runtime.annotator = annotator
+        with _kernel_profiling(runtime, device), runtime.using(tools):
             for _ in range(warmup):
                 _run_once(run, runtime, clock)
             if baseline:
@@ -244,16 +245,14 @@ def profile(
             if flops and runtime.form != "variants":
                 notes.append("no FLOP count: FlopCounterMode cannot run the graph form's torch.cond.")
             elif flops:
-                runtime.annotator = None
-                flop_steps = _count_flops(run, runtime, clock)
-                runtime.annotator = annotator
+                with runtime.using(ToolOptions(eager=True)):
+                    flop_steps = _count_flops(run, runtime, clock)
             profiled = _profiled_run(run, runtime, clock, device, trace_path)
             base = None
             if baseline:
                 with _all_compute(runtime):
                     base = _profiled_run(run, runtime, clock, device, None)
     finally:
-        runtime.annotator = None
         clock.remove()
         runtime.reset()
     if annotator is not None and annotator.skipped:
@@ -359,16 +358,14 @@ def _run_once(run, runtime, clock: _StepClock) -> tuple[list[_Call], float]:
 
 
 def _count_flops(run, runtime, clock: _StepClock) -> list[_Call]:
-    """One run with eager variants under FlopCounterMode; FLOPs per model call."""
-    config = runtime.compile_config
-    runtime.compile_config = dataclasses.replace(config, enabled=False)
+    """One run under FlopCounterMode; FLOPs per model call. The caller runs it with
+    `ToolOptions(eager=True)`: the counter sees the ops of eager variants, not compiled calls."""
     try:
         with flop_counter() as counter:
             clock.flop_counter = counter
             calls, _ = _run_once(run, runtime, clock)
     finally:
         clock.flop_counter = None
-        runtime.compile_config = config
     return calls
 
 

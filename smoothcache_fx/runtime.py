@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -23,6 +24,26 @@ from smoothcache_fx.kernels.compat import CAPTURE_GATE
 from smoothcache_fx.schedules import Schedule
 
 LOGGER = logging.getLogger("smoothcache_fx")
+
+
+@dataclass(frozen=True)
+class ToolOptions:
+    """What a tool asks of the blocks while it runs (`SmoothCacheRuntime.using`); the defaults are
+    plain inference.
+
+    Attributes:
+        annotator: called per block call with (path, shared capture, variant, tensors); returns the
+            callable to run instead of the variant (profile: the variant with profiler ranges).
+        record_branches: every scheduled branch writes its cache, even one the schedule never
+            reuses, so `branch_outputs()` sees every branch after each step (calibrate). Applies to
+            blocks captured while it is set.
+        eager: run the specialised graphs eagerly even with compile=True (profile's FLOP count).
+    """
+
+    annotator: Callable | None = None
+    record_branches: bool = False
+    eager: bool = False
+
 
 _CLOCK_NOT_TRACED = (
     "smoothcache_fx advances its step clock in Python outside traced code (a traced step would "
@@ -70,11 +91,8 @@ class SmoothCacheRuntime:
         self.in_model_call = False
         # Blocks captured again during the current model call, and why; logged once per call.
         self.recaptured: list[str] = []
-        # Set by smoothcache_fx.profile() only: returns each block's variant with profiler ranges.
-        self.annotator = None
-        # Set by smoothcache_fx.calibrate() only: every scheduled branch writes its cache, even one
-        # the schedule never reuses, so that branch_outputs() sees it after each step.
-        self.record_branches = False
+        # What a tool (calibrate, profile) asks of the blocks while it runs; see `using`.
+        self.tools = ToolOptions()
         self._validated = False
         self._hooks = [
             model.register_forward_pre_hook(self._before_model_call, with_kwargs=True),
@@ -104,6 +122,18 @@ class SmoothCacheRuntime:
         written so far may be read again. Caches are overwritten, not freed."""
         self.clock.reset()
         self._forget_generation()
+
+    @contextlib.contextmanager
+    def using(self, tools: ToolOptions) -> Iterator[SmoothCacheRuntime]:
+        """Run the blocks with `tools` (calibration's recording, profiling's ranges, eager FLOP
+        counting) for the duration of the block; plain inference again afterwards."""
+        if not isinstance(tools, ToolOptions):
+            raise TypeError(f"tools must be a ToolOptions; got {type(tools).__name__}.")
+        previous, self.tools = self.tools, tools
+        try:
+            yield self
+        finally:
+            self.tools = previous
 
     @contextlib.contextmanager
     def generation(self) -> Iterator[SmoothCacheRuntime]:
@@ -146,7 +176,8 @@ class SmoothCacheRuntime:
 
     def branch_outputs(self) -> dict[str, list[torch.Tensor]]:
         """Branch path -> its cache buffers (one per residual site), for scheduled branches that
-        the schedule reuses at some step, or every scheduled branch with `record_branches`.
+        the schedule reuses at some step, or every scheduled branch under
+        `using(ToolOptions(record_branches=True))`.
 
         After a model call these hold the branch outputs of the last step that computed them, so a
         forward hook on the model sees every scheduled branch's output of the step just run

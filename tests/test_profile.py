@@ -20,6 +20,7 @@ from smoothcache_fx.passes.annotate import (
     split_block,
     step_range,
 )
+from smoothcache_fx.runtime import ToolOptions
 
 STEPS = 4
 COMPONENTS = ("attn1", "ff")
@@ -152,7 +153,7 @@ def test_text_and_json(profiled, tmp_path):
 def test_profiling_leaves_the_model_as_it_was(profiled):
     model, _, _ = profiled
     runtime = model.smoothcache
-    assert runtime.annotator is None and runtime.step == 0
+    assert runtime.tools == ToolOptions() and runtime.step == 0
     assert not model._forward_hooks.keys() - set(h.id for h in runtime._hooks)
     fresh = smoothcache_fx.transform(models.diffusers_dit(), _schedule())
     for want, have in zip(run_steps(fresh, dit_call, STEPS), run_steps(model, dit_call, STEPS), strict=True):
@@ -256,7 +257,7 @@ def test_run_that_never_calls_the_model():
     model = _model()
     with pytest.raises(ValueError, match=r"run must call the model.*0 model calls"):
         smoothcache_fx.profile(model, lambda: None)
-    assert model.smoothcache.annotator is None
+    assert model.smoothcache.tools == ToolOptions()
     assert len(model._forward_hooks) == 2 and len(model._forward_pre_hooks) == 1  # the runtime's own
 
 
