@@ -522,3 +522,16 @@ def _validate_components(components: Any) -> list[str]:
     if duplicates:
         raise ValueError(f"components must be distinct; got {duplicates} more than once. Drop the repeats.")
     return keys
+
+
+def as_schedule(schedule: Any) -> Schedule:
+    """What `transform` and `set_schedule` accept as a schedule, as a `Schedule`: one itself, a
+    dict in the SmoothCache JSON format, or a path to such a JSON file."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, (Mapping, str, os.PathLike)):
+        return Schedule.load(schedule)
+    raise TypeError(
+        f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, or a path "
+        f"to a JSON file; got {type(schedule).__name__}."
+    )

@@ -21,7 +21,7 @@ from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockStat
 from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.generation import GenerationClock, timestep_of
 from smoothcache_fx.kernels.compat import CAPTURE_GATE
-from smoothcache_fx.schedules import Schedule
+from smoothcache_fx.schedules import Schedule, as_schedule
 
 LOGGER = logging.getLogger("smoothcache_fx")
 
@@ -163,8 +163,6 @@ class SmoothCacheRuntime:
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Swap the schedule (same model); specialised variants are rebuilt lazily."""
-        from smoothcache_fx.transform import as_schedule
-
         self.schedule = as_schedule(schedule)
         self.clock = GenerationClock(self.schedule.steps, self.calls_per_step)
         self.captured_graphs.clear()

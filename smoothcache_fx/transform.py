@@ -12,7 +12,7 @@ from smoothcache_fx.block import BlockState
 from smoothcache_fx.compile import DEFAULT_MAX_VARIANTS, CompileConfig
 from smoothcache_fx.passes.specialise import KERNELS
 from smoothcache_fx.runtime import SmoothCacheRuntime
-from smoothcache_fx.schedules import Schedule
+from smoothcache_fx.schedules import Schedule, as_schedule
 
 _BLOCK_CLASSES: dict[type, type] = {}
 _PIPELINE_CLASSES: dict[type, type] = {}
@@ -169,17 +169,6 @@ def _install(
     model.smoothcache = runtime
 
 
-def as_schedule(schedule) -> Schedule:
-    if isinstance(schedule, Schedule):
-        return schedule
-    if isinstance(schedule, (Mapping, str, os.PathLike)):
-        return Schedule.load(schedule)
-    raise TypeError(
-        f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, or a path "
-        f"to a JSON file; got {type(schedule).__name__}."
-    )
-
-
 def find_blocks(model: torch.nn.Module, blocks=None) -> dict[str, torch.nn.Module]:
     """Transformer blocks by module path.
 
@@ -207,14 +196,16 @@ def _module_list_blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def _look_through_wrappers(path: str, module: torch.nn.Module) -> tuple[str, torch.nn.Module]:
-    """A module with exactly one child and no state of its own (HiDream wraps each block in one)
-    holds its residual branches one level down: the block is the child."""
+    """A module with exactly one child, no state of its own, and a child that is block-like (two
+    or more children of its own) is a wrapper (HiDream wraps each block in one): its residual
+    branches sit one level down, so the block is the child. A block whose only child is one
+    branch module (`x + gate * self.ff(x)`, with `ff` holding a single Linear) is not a wrapper."""
     while True:
         children = list(module.named_children())
         if len(children) != 1 or module._parameters or module._buffers:
             return path, module
         name, child = children[0]
-        if not any(True for _ in child.children()):
+        if sum(1 for _ in child.children()) < 2:
             return path, module
         path, module = f"{path}.{name}", child
 
