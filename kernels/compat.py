@@ -15,6 +15,10 @@ from collections.abc import Iterator
 
 import torch
 
+# pytree: torch has no public module for it (torch.utils._pytree; checked on 2.13.0). Block calls
+# are flattened with it, and a captured block's outputs rebuilt with its TreeSpec.
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only, tree_unflatten  # noqa: F401
+
 # torch._library.triton.get_inner_triton_kernels logs a WARNING ("Triton not available,
 # find_triton_kernels = []") for every triton_op registered without triton installed. Without
 # triton the op's body takes the reference path on every device, so there is nothing to warn about.
@@ -149,3 +153,44 @@ def cpu_sdpa_flop_formulas() -> dict:
         return flop_counter.sdpa_flop_count(query, key, value)
 
     return {op: cpu_sdpa_flop}
+
+
+# -- graph building and inspection (passes/) ------------------------------------------------------
+# The higher-order `cond` op, as the single-graph form writes it into graphs by hand (the nodes a
+# traced `torch.cond` would produce): torch.cond itself cannot be called on fx Nodes.
+COND = torch.ops.higher_order.cond
+
+# Profiler range ops as graph nodes (passes/annotate.py): what `record_function` records when
+# dynamo keeps it (`capture_profiler_record_function`); enter returns a handle exit takes.
+RECORD_FUNCTION_ENTER = torch.ops.profiler._record_function_enter_new.default
+RECORD_FUNCTION_EXIT = torch.ops.profiler._record_function_exit._RecordFunction
+
+
+def returns_alias(target: object) -> bool:
+    """Whether an ATen overload returns a view or alias of an input (its schema's alias info)."""
+    return isinstance(target, torch._ops.OpOverload) and any(
+        r.alias_info is not None for r in target._schema.returns
+    )
+
+
+def detect_fake_mode(values: list) -> object | None:
+    """The fake tensor mode the values belong to (`torch._guards.detect_fake_mode`), or None."""
+    from torch._guards import detect_fake_mode as detect
+
+    return detect(values)
+
+
+# -- compile settings (smoothcache_fx/compile.py, profile.py, block.py) ----------------------------
+def inductor_options() -> set[str]:
+    """Inductor's option names, to validate `transform(..., options=...)` before compiling."""
+    return set(torch._inductor.list_options())
+
+
+def inductor_kernel_profile() -> contextlib.AbstractContextManager:
+    """Inductor's C++ kernels named in the profiler while compiling (restored on exit)."""
+    return torch._inductor.config.patch({"cpp.enable_kernel_profile": True})
+
+
+def mark_static_address(buffer: torch.Tensor) -> None:
+    """CUDA graphs read and write this buffer in place instead of copying it at each replay."""
+    torch._dynamo.mark_static_address(buffer, guard=False)

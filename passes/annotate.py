@@ -37,12 +37,13 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.split_module import split_module
 
+from smoothcache_fx.kernels.compat import RECORD_FUNCTION_ENTER, RECORD_FUNCTION_EXIT
 from smoothcache_fx.passes.branches import BlockBranches
 from smoothcache_fx.passes.conditional import exclusive_nodes
 from smoothcache_fx.passes.specialise import SpecialisedBlock
 
-RECORD_ENTER = torch.ops.profiler._record_function_enter_new.default
-RECORD_EXIT = torch.ops.profiler._record_function_exit._RecordFunction
+RECORD_ENTER = RECORD_FUNCTION_ENTER
+RECORD_EXIT = RECORD_FUNCTION_EXIT
 RANGE_PREFIX = "smoothcache/"
 _AFTER_MUL = (torch.ops.aten.mul.Tensor,)
 _RESIDUAL_ADD = (torch.ops.aten.add.Tensor,)

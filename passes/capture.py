@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from smoothcache_fx.kernels.compat import export_functional
+from smoothcache_fx.kernels.compat import TreeSpec, export_functional, tree_flatten, tree_unflatten
 
 # Root attribute under which the block sits inside the export wrapper; stripped from every path.
 BLOCK_PREFIX = "block."

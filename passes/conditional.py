@@ -22,10 +22,10 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 import smoothcache_fx.kernels  # noqa: F401  (registers the torch.ops.smoothcache_fx ops)
+from smoothcache_fx.kernels.compat import COND, returns_alias
 from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
 
 GATED_RESIDUAL_ADD_AND_CACHE = torch.ops.smoothcache_fx.gated_residual_add_and_cache.default
-COND = torch.ops.higher_order.cond
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,7 @@ def _unaliased(graph: Graph, node: Node) -> Node:
     """Operands of a cond must not alias each other; views (split chunks of one modulation
     vector, unsqueezes) are cloned, which costs a copy of a small tensor."""
     target = node.target
-    is_view = target is operator.getitem or (
-        isinstance(target, torch._ops.OpOverload)
-        and any(r.alias_info is not None for r in target._schema.returns)
-    )
+    is_view = target is operator.getitem or returns_alias(target)
     value = node.meta.get("val")
     # Inductor compiles a cond branch for the operand strides seen while tracing but may hand it a
     # relaid-out tensor (seen: a transposed patch embedding arriving contiguous), so operands that

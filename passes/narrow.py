@@ -21,8 +21,9 @@ import contextlib
 import operator
 
 import torch
-from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
+
+from smoothcache_fx.kernels.compat import detect_fake_mode
 
 aten = torch.ops.aten
 

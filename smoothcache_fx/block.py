@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from smoothcache_fx.dependencies import CaptureDependencies
+from smoothcache_fx.kernels.compat import mark_static_address, tree_flatten, tree_map_only, tree_unflatten
 from smoothcache_fx.passes.branches import BlockBranches, find_residual_branches
 from smoothcache_fx.passes.capture import (
     CallSignature,
@@ -379,7 +379,7 @@ def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = Fal
                 continue
             buffer = torch.empty(value.shape, dtype=value.dtype, device=value.device)
             if static:  # CUDA graphs read and write the buffer in place instead of copying it
-                torch._dynamo.mark_static_address(buffer, guard=False)
+                mark_static_address(buffer)
             block.register_buffer(name, buffer, persistent=False)
 
 

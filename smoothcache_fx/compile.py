@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from smoothcache_fx.kernels.compat import inductor_options
+
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # A 28-block DiT with a per-block schedule needs a few per structure; far more means a schedule
 # with nearly every step different, where compile time would dwarf the saving (see BENCHMARKS.md).
@@ -51,7 +53,7 @@ class CompileConfig:
                 f"mode={self.mode!r} and options={dict(self.options)}. Drop one of them."
             )
         if self.options and self.backend == "inductor":
-            known = set(torch._inductor.list_options())
+            known = inductor_options()
             unknown = sorted(set(self.options) - known)
             if unknown:
                 raise ValueError(

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from smoothcache_fx.block import SCHEDULE_BUFFER
 from smoothcache_fx.flops import flop_counter
+from smoothcache_fx.kernels.compat import inductor_kernel_profile
 from smoothcache_fx.passes.annotate import (
     RANGE_PREFIX,
     add_split_ranges,
@@ -428,7 +429,7 @@ def _kernel_profiling(runtime, device: torch.device):
     """Variants compiled during profile() on CPU name their C++ kernels in the profiler (Inductor's
     `cpp.enable_kernel_profile`); the setting is restored afterwards."""
     if runtime.compile_config.enabled and device.type == "cpu":
-        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        with inductor_kernel_profile():
             yield
     else:
         yield

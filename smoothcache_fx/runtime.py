@@ -15,12 +15,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_flatten
 
 from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState, cache_name
 from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.generation import GenerationClock, timestep_of
-from smoothcache_fx.kernels.compat import CAPTURE_GATE
+from smoothcache_fx.kernels.compat import CAPTURE_GATE, tree_flatten
 from smoothcache_fx.schedules import Schedule, as_schedule
 
 LOGGER = logging.getLogger("smoothcache_fx")
