@@ -10,6 +10,12 @@ Indexing follows the SmoothCache scan: for a branch whose output at step s is L_
 
 so ``errors[path][k - 1]`` holds ``steps - k`` values: the error of reusing step i's output at step
 i + k, relative to the output that step would compute.
+
+A sampler may call the model more than once per step (unbatched classifier-free guidance: a
+conditional and an unconditional call). Call c of a step is only ever compared with call c of
+earlier steps (each call has caches of its own, `transform(..., calls_per_step=N)`), so the errors
+are kept per call in `per_call`; `errors` holds their per-step maximum, because one mask serves
+every call of a step.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import json
 import math
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +35,21 @@ if TYPE_CHECKING:
     from .schedule import Schedule
 
 FORMAT_NAME = "smoothcache_fx.calibration_errors"
-FORMAT_VERSION = 1
-_FIELDS = ("steps", "lookahead", "errors", "flops", "total_flops", "generations", "model_class", "metadata")
+# Version 2 added `per_call` (written only when there is more than one call per step); version-1
+# files are single-call errors and still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_FIELDS = (
+    "steps",
+    "lookahead",
+    "errors",
+    "flops",
+    "total_flops",
+    "generations",
+    "model_class",
+    "metadata",
+    "per_call",
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -38,15 +57,22 @@ class CalibrationErrors:
     """Per-branch relative L1 errors between step outputs, averaged over calibration generations.
 
     Args:
-        steps: model calls per generation during calibration.
+        steps: steps per generation during calibration (model calls / `calls_per_step`).
         lookahead: the largest lag k recorded.
         errors: branch path (``"transformer_blocks.3.attn1"``) -> one curve per lag k = 1..lookahead;
-            curve k holds e_k[i] for i = 0..steps-k-1 (see the module docstring).
+            curve k holds e_k[i] for i = 0..steps-k-1 (see the module docstring). With several
+            calls per step, the maximum over the calls of `per_call` at every (lag, step): a
+            step's mask applies to every call of the step, so the schedule that `from_errors` and
+            `for_speedup` derive from these must be safe for the worst call. `from_calls` builds
+            it.
         flops: branch path -> FLOPs of one call of the branch's module (one model call).
         total_flops: FLOPs of one whole model call; what is not in `flops` always runs.
         generations: how many generations the errors are averaged over.
         model_class: class name of the calibrated model.
         metadata: JSON notes (solver, how generations were delimited, dtype, ...).
+        per_call: branch path -> call of the step (0..calls_per_step-1) -> lag -> step values,
+            each call compared only with the same call of earlier steps. None (the default): one
+            call per step, whose errors are `errors`.
 
     Example::
 
@@ -63,6 +89,24 @@ class CalibrationErrors:
     generations: int = 1
     model_class: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    per_call: Mapping[str, tuple[tuple[tuple[float, ...], ...], ...]] | None = None
+
+    @classmethod
+    def from_calls(
+        cls,
+        steps: int,
+        lookahead: int,
+        per_call: Mapping[str, Sequence[Sequence[Sequence[float]]]],
+        **fields: Any,
+    ) -> CalibrationErrors:
+        """Errors from per-call curves (path -> call -> lag -> step); `errors` is their per-step
+        maximum over the calls. `fields` are the other fields (flops, total_flops, ...)."""
+        if not isinstance(per_call, Mapping):
+            raise TypeError(
+                f"per_call must map branch paths to per-call error curves; got {type(per_call).__name__}."
+            )
+        errors = {path: _max_over_calls(path, calls) for path, calls in per_call.items()}
+        return cls(steps, lookahead, errors, per_call=per_call, **fields)
 
     def __post_init__(self) -> None:
         for name in ("steps", "lookahead", "total_flops", "generations"):
@@ -73,6 +117,7 @@ class CalibrationErrors:
                 f"{type(self.errors).__name__} {self.errors!r}. Run smoothcache_fx.calibrate(...)."
             )
         curves = {path: self._curves(path, value) for path, value in sorted(self.errors.items())}
+        per_call = self._per_call(curves)
         flops = {}
         for path, value in sorted(dict(self.flops).items()):
             if path not in curves:
@@ -89,29 +134,61 @@ class CalibrationErrors:
         if not isinstance(self.model_class, str):
             raise TypeError(f"model_class must be a str; got {type(self.model_class).__name__}.")
         object.__setattr__(self, "errors", types.MappingProxyType(curves))
+        object.__setattr__(self, "per_call", types.MappingProxyType(per_call))
         object.__setattr__(self, "flops", types.MappingProxyType(flops))
         object.__setattr__(self, "metadata", types.MappingProxyType(_json_copy(self.metadata)))
 
-    def _curves(self, path: Any, value: Any) -> tuple[tuple[float, ...], ...]:
+    def _curves(self, path: Any, value: Any, label: str = "") -> tuple[tuple[float, ...], ...]:
         if not isinstance(path, str) or "." not in path:
             raise ValueError(
                 f"error keys must be branch paths '<block path>.<component>' such as "
                 f"'transformer_blocks.0.attn1'; got {path!r}."
             )
+        label = label or f"errors[{path!r}]"
         curves = tuple(tuple(float(v) for v in curve) for curve in value)
         if len(curves) != self.lookahead:
-            raise ValueError(
-                f"errors[{path!r}] must hold one curve per lag 1..{self.lookahead}; got {len(curves)}."
-            )
+            raise ValueError(f"{label} must hold one curve per lag 1..{self.lookahead}; got {len(curves)}.")
         for k, curve in enumerate(curves, start=1):
             if len(curve) != max(self.steps - k, 0):
                 raise ValueError(
-                    f"errors[{path!r}] lag {k} must have steps - k = {max(self.steps - k, 0)} values "
+                    f"{label} lag {k} must have steps - k = {max(self.steps - k, 0)} values "
                     f"(e_k[i] compares step i with step i + k); got {len(curve)}."
                 )
             if any(math.isnan(v) or v < 0 for v in curve):
-                raise ValueError(f"errors[{path!r}] lag {k} must be non-negative numbers; got {list(curve)}.")
+                raise ValueError(f"{label} lag {k} must be non-negative numbers; got {list(curve)}.")
         return curves
+
+    def _per_call(self, curves: dict[str, tuple]) -> dict[str, tuple]:
+        """Validated `per_call` (one call: `errors` itself); `errors` must be its per-step maximum."""
+        if self.per_call is None:
+            return {path: (value,) for path, value in curves.items()}
+        if not isinstance(self.per_call, Mapping) or set(self.per_call) != set(curves):
+            found = (
+                sorted(self.per_call) if isinstance(self.per_call, Mapping) else type(self.per_call).__name__
+            )
+            raise ValueError(
+                f"per_call must name the same branch paths as errors ({sorted(curves)}); got {found}. "
+                "Build both with CalibrationErrors.from_calls(steps, lookahead, per_call, ...)."
+            )
+        per_call, counts = {}, set()
+        for path in curves:
+            calls = self.per_call[path]
+            per_call[path] = tuple(
+                self._curves(path, call, f"per_call[{path!r}][{index}]") for index, call in enumerate(calls)
+            )
+            counts.add(len(per_call[path]))
+            if per_call[path] and _max_over_calls(path, per_call[path]) != curves[path]:
+                raise ValueError(
+                    f"errors[{path!r}] must be the per-step maximum over the calls of per_call[{path!r}] "
+                    "(one mask serves every call of a step); it is not. Build both with "
+                    "CalibrationErrors.from_calls(steps, lookahead, per_call, ...)."
+                )
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(
+                f"per_call must give every branch the same number (>= 1) of calls per step; got "
+                f"{sorted(counts)}. Record every call of every step."
+            )
+        return per_call
 
     # Frozen dataclass plumbing: MappingProxyType is neither hashable nor picklable.
     def __hash__(self) -> int:
@@ -121,12 +198,41 @@ class CalibrationErrors:
         return (type(self), tuple(_plain(getattr(self, name)) for name in _FIELDS))
 
     def __repr__(self) -> str:
+        calls = f", calls_per_step={self.calls_per_step}" if self.calls_per_step > 1 else ""
         return (
-            f"CalibrationErrors({self.model_class or '?'}, steps={self.steps}, lookahead={self.lookahead}, "
-            f"generations={self.generations}, branches={len(self.errors)}, components={list(self.components)})"
+            f"CalibrationErrors({self.model_class or '?'}, steps={self.steps}, lookahead={self.lookahead}"
+            f"{calls}, generations={self.generations}, branches={len(self.errors)}, "
+            f"components={list(self.components)})"
         )
 
     # ------------------------------------------------------------------ views
+
+    @property
+    def calls_per_step(self) -> int:
+        """Model calls per step during calibration (2 for unbatched classifier-free guidance)."""
+        return len(next(iter(self.per_call.values())))
+
+    def for_call(self, call: int) -> CalibrationErrors:
+        """The errors of call `call` of each step alone, as single-call errors (e.g. to plot the
+        conditional and the unconditional call apart)."""
+        if isinstance(call, bool) or not isinstance(call, int) or not 0 <= call < self.calls_per_step:
+            raise ValueError(
+                f"call must be an index 0..{self.calls_per_step - 1} of a call of the step; got {call!r}."
+            )
+        if self.calls_per_step == 1:
+            return self
+        errors = {path: calls[call] for path, calls in self.per_call.items()}
+        metadata = {**self.metadata, "call": call}
+        return CalibrationErrors(
+            self.steps,
+            self.lookahead,
+            errors,
+            dict(self.flops),
+            self.total_flops,
+            self.generations,
+            self.model_class,
+            metadata,
+        )
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -210,55 +316,35 @@ class CalibrationErrors:
         underestimated about two-fold and the schedule reuses more than a direct calibration would;
         lags="time" tracks the direct speed-up to within 0.1. Mask agreement stays near 2/3 either
         way: the scan is greedy, so one changed decision shifts the rest of its mask.
+
+        With several calls per step, each call's curves are resampled and `errors` is their
+        maximum again, so the resampled schedule stays safe for the worst call.
         """
         _check_int("steps", steps, minimum=1)
         if lags not in ("steps", "time"):
             raise ValueError(f'lags must be "steps" or "time"; got {lags!r}.')
         if steps == self.steps:
             return self
-        source_positions = _positions(self.steps)
-        errors = {}
-        for path, curves in self.errors.items():
-
-            def at(lag: int, positions: np.ndarray, curves=curves) -> np.ndarray:
-                if lag == 0:
-                    return np.zeros(len(positions))
-                curve = curves[lag - 1]
-                if not curve:  # the lag did not fit in the calibrated generation: nothing measured
-                    return np.full(len(positions), math.inf)
-                return np.interp(positions, source_positions[: len(curve)], curve)
-
-            resampled = []
-            for k in range(1, self.lookahead + 1):
-                positions = _positions(steps)[: max(steps - k, 0)]
-                if lags == "steps" or not len(positions):
-                    resampled.append(at(k, positions).tolist())
-                    continue
-                span = k * (self.steps - 1) / (steps - 1)  # lag k in calibrated steps
-                if span >= self.lookahead:
-                    values = at(self.lookahead, positions) * (span / self.lookahead)
-                else:
-                    low, weight = int(span), span - int(span)
-                    values = at(low, positions)
-                    if weight:
-                        values = (1 - weight) * values + weight * at(low + 1, positions)
-                resampled.append(values.tolist())
-            errors[path] = resampled
+        per_call = {
+            path: [_resampled_curves(curves, self.steps, steps, lags) for curves in calls]
+            for path, calls in self.per_call.items()
+        }
         metadata = {
             **self.metadata,
             "resampled_from_steps": self.metadata.get("resampled_from_steps", self.steps),
             "resampled_lags": lags,
         }
-        return CalibrationErrors(
-            steps,
-            self.lookahead,
-            errors,
-            dict(self.flops),
-            self.total_flops,
-            self.generations,
-            self.model_class,
-            metadata,
-        )
+        fields = {
+            "flops": dict(self.flops),
+            "total_flops": self.total_flops,
+            "generations": self.generations,
+            "model_class": self.model_class,
+            "metadata": metadata,
+        }
+        if self.calls_per_step == 1:
+            errors = {path: calls[0] for path, calls in per_call.items()}
+            return CalibrationErrors(steps, self.lookahead, errors, **fields)
+        return CalibrationErrors.from_calls(steps, self.lookahead, per_call, **fields)
 
     def ideal_speedup(self, schedule: Schedule) -> float:
         """FLOPs of `schedule.steps` uncached model calls over the FLOPs under `schedule`.
@@ -282,11 +368,13 @@ class CalibrationErrors:
     # ------------------------------------------------------------------ I/O
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data in the versioned ``smoothcache_fx.calibration_errors`` format."""
+        """Plain JSON data in the versioned ``smoothcache_fx.calibration_errors`` format;
+        ``per_call`` only with several calls per step (with one it would repeat ``errors``)."""
+        names = _FIELDS if self.calls_per_step > 1 else tuple(n for n in _FIELDS if n != "per_call")
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            **{n: _plain(getattr(self, n)) for n in _FIELDS},
+            **{n: _plain(getattr(self, n)) for n in names},
         }
 
     @classmethod
@@ -297,13 +385,15 @@ class CalibrationErrors:
                 f"calibration errors must be in the {FORMAT_NAME!r} format; got {found!r}. "
                 "Pass a file written by CalibrationErrors.save()."
             )
-        if data.get("version") != FORMAT_VERSION:
+        version = data.get("version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ValueError(
-                f"calibration errors version must be {FORMAT_VERSION}; got {data.get('version')!r}. "
+                f"calibration errors version must be one of {list(READABLE_VERSIONS)}; got {version!r}. "
                 "Re-run smoothcache_fx.calibrate with this version."
             )
+        fields = set(_FIELDS) - ({"per_call"} if version == 1 else set())
         missing = sorted({"steps", "lookahead", "errors"} - set(data))
-        unknown = sorted(set(data) - set(_FIELDS) - {"format", "version"})
+        unknown = sorted(set(data) - fields - {"format", "version"})
         if missing or unknown:
             raise ValueError(f"calibration errors: missing fields {missing}, unknown fields {unknown}.")
         return cls(**{name: data[name] for name in _FIELDS if name in data})
@@ -324,6 +414,55 @@ class CalibrationErrors:
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
         return path
+
+
+def _resampled_curves(
+    curves: tuple[tuple[float, ...], ...], source_steps: int, steps: int, lags: str
+) -> list[list[float]]:
+    """One branch's e_1..e_lookahead moved from `source_steps` to `steps` (see `resampled`)."""
+    lookahead = len(curves)
+    source_positions = _positions(source_steps)
+
+    def at(lag: int, positions: np.ndarray) -> np.ndarray:
+        if lag == 0:
+            return np.zeros(len(positions))
+        curve = curves[lag - 1]
+        if not curve:  # the lag did not fit in the calibrated generation: nothing measured
+            return np.full(len(positions), math.inf)
+        return np.interp(positions, source_positions[: len(curve)], curve)
+
+    resampled = []
+    for k in range(1, lookahead + 1):
+        positions = _positions(steps)[: max(steps - k, 0)]
+        if lags == "steps" or not len(positions):
+            resampled.append(at(k, positions).tolist())
+            continue
+        span = k * (source_steps - 1) / (steps - 1)  # lag k in calibrated steps
+        if span >= lookahead:
+            values = at(lookahead, positions) * (span / lookahead)
+        else:
+            low, weight = int(span), span - int(span)
+            values = at(low, positions)
+            if weight:
+                values = (1 - weight) * values + weight * at(low + 1, positions)
+        resampled.append(values.tolist())
+    return resampled
+
+
+def _max_over_calls(path: str, calls: Sequence[Sequence[Sequence[float]]]) -> tuple[tuple[float, ...], ...]:
+    """Per (lag, step), the largest error over the calls of a step: the error `errors` holds."""
+    calls = [tuple(tuple(float(v) for v in curve) for curve in call) for call in calls]
+    if not calls:
+        raise ValueError(f"per_call[{path!r}] must hold the curves of at least one call; got none.")
+    shapes = {tuple(len(curve) for curve in call) for call in calls}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"per_call[{path!r}] must give every call of the step the same curve lengths (one per lag, "
+            f"steps - k values each); got {sorted(shapes)}."
+        )
+    return tuple(
+        tuple(max(values) for values in zip(*curves, strict=True)) for curves in zip(*calls, strict=True)
+    )
 
 
 def _positions(steps: int) -> np.ndarray:

@@ -147,6 +147,8 @@ def errors_metadata(
     }
     if errors.metadata.get("solver"):
         metadata["solver"] = errors.metadata["solver"]
+    if errors.calls_per_step > 1:  # the schedule is for transform(..., calls_per_step=N)
+        metadata["calls_per_step"] = errors.calls_per_step
     return metadata
 
 

@@ -8,26 +8,24 @@ Three phases, all on the caller's own model object:
 2. Branches. Each distinct block structure is captured once with the pass's own capture and
    `find_residual_branches`, which names the components (no hand-written module lists).
 3. Record. The model is transformed with an all-compute schedule over those components, so after
-   each model call `model.smoothcache.branch_outputs()` holds every branch's output of that step;
-   a forward hook registered after the transform's reads them, keeps the last `lookahead` outputs
-   per branch in a ring buffer, and accumulates the relative L1 errors. The model is untransformed
-   at the end, also on error.
+   each model call `model.smoothcache.branch_outputs()` holds every branch's output of that call;
+   a forward hook registered after the transform's hands them to the `Recorder`
+   (calibrate_record.py), which compares each call of a step with the same call of earlier steps.
+   The model is untransformed at the end, also on error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 
+from smoothcache_fx.calibrate_record import Recorder
 from smoothcache_fx.flops import flop_counter
 from smoothcache_fx.passes.branches import find_residual_branches
 from smoothcache_fx.passes.capture import call_signature, capture_block, structure_key
@@ -50,6 +48,7 @@ def calibrate(
     steps: int | None = None,
     progress: bool = True,
     blocks=None,
+    calls_per_step: int = 1,
 ) -> CalibrationErrors:
     """Leaves `model` as it was (transformed only while `run` runs): records branch output errors.
 
@@ -58,16 +57,27 @@ def calibrate(
     and k steps earlier, in float32 over the whole tensor (batch included), averaged over the
     generations that `run` performs. Only the last `lookahead` outputs per branch are kept.
 
+    With ``calls_per_step=N`` (a sampler that calls the model N times per step, such as unbatched
+    classifier-free guidance: a conditional and an unconditional call), the calls of a step are
+    told apart by their order: call c of step t is compared only with call c of earlier steps, as
+    its cache would be under ``transform(..., calls_per_step=N)``. The errors of each call are kept
+    in ``per_call``; ``errors``, which the schedules read, is their maximum per step, because one
+    mask serves every call of a step.
+
     Where a generation starts:
 
-    * ``steps=N``: every N consecutive model calls are one generation;
+    * ``steps=S``: every S x calls_per_step consecutive model calls are one generation;
     * else, for a diffusers pipeline: each call of the pipeline is one generation (its step count
-      is however many times it called the model);
-    * else by the model's timestep argument (``timestep``, ``timesteps`` or ``t``): a call starts a
-      new generation when its timestep does not decrease from the previous call's. Samplers that
-      call the model twice at one timestep (unbatched guidance) need ``steps=``.
+      is however many times it called the model, divided by calls_per_step);
+    * else by the model's timestep argument (``timestep``, ``timesteps`` or ``t``): the first call
+      of a step starts a new generation when its timestep is larger than the previous step's; the
+      other calls of a step never start one. Two steps in a row at one timestep are refused (a
+      sampler with more calls per step than calls_per_step says, or one that repeats a timestep,
+      which needs ``steps=``).
 
-    All generations must have the same number of model calls.
+    All generations must have the same number of steps. With calls_per_step > 1 every call of a
+    step must have the step's timestep where the model takes one, so a wrong calls_per_step is an
+    error rather than errors that mix different calls.
 
     Args:
         model: a DiT-style `torch.nn.Module`, or a diffusers pipeline with a `.transformer`. It must
@@ -78,9 +88,12 @@ def calibrate(
         lookahead: largest lag k recorded (SmoothCache uses 3 for DiT).
         components: record only these components (e.g. ``["attn1", "ff"]``); default every
             residual branch the pass finds.
-        steps: model calls per generation, when neither a pipeline nor a timestep delimits them.
+        steps: steps per generation (model calls / calls_per_step), when neither a pipeline nor a
+            timestep delimits them; the step count of the errors either way.
         progress: show a progress bar (tqdm if installed, else a line on stderr).
         blocks: which modules are transformer blocks, as for `transform`.
+        calls_per_step: model calls per step, as for `transform`: 2 for unbatched classifier-free
+            guidance (Wan, Lumina2, Flux true CFG), 1 when the guidance is batched into one call.
 
     Returns:
         `CalibrationErrors`, with the per-branch FLOPs that `Schedule.for_speedup` needs.
@@ -91,8 +104,13 @@ def calibrate(
         schedule = smoothcache_fx.Schedule.from_errors(errors, alpha=0.18)
     """
     _check_count("lookahead", lookahead, "the largest lag k to record, e.g. lookahead=3")
+    _check_count(
+        "calls_per_step",
+        calls_per_step,
+        "the model calls per step, e.g. calls_per_step=2 for unbatched classifier-free guidance",
+    )
     if steps is not None:
-        _check_count("steps", steps, "the number of model calls per generation")
+        _check_count("steps", steps, "the number of steps per generation, e.g. steps=50")
     if not callable(run):
         raise TypeError(
             f"run must be a callable that generates with the model, such as "
@@ -118,17 +136,18 @@ def calibrate(
         raise ValueError(
             f"calibrate must know where each generation starts, but {type(net).__name__} was called "
             f"without a timestep argument ({', '.join(TIMESTEP_ARGUMENTS)}) that it could read. Pass "
-            "steps=<model calls per generation>, or pass the diffusers pipeline instead of its model."
+            "steps=<steps per generation>, or pass the diffusers pipeline instead of its model."
         )
     if components is None:
         components = _find_components(found, first.block_calls)
     schedule = Schedule.all_compute(1, components)  # validates `components`
-    recorder = _Recorder(lookahead, steps, progress)
-    boundaries = _Boundaries(rule, steps)
+    recorder = Recorder(lookahead, steps, calls_per_step, progress)
+    boundaries = _Boundaries(rule, steps, calls_per_step)
     hooks = []
     try:
-        # One step is enough: under an all-compute schedule every call computes every branch, so
-        # the runtime's clock may wrap at every call; generations are delimited here instead.
+        # One step of one call is enough: under an all-compute schedule every call computes every
+        # branch, so the runtime's clock may wrap at every call; generations, steps and the calls of
+        # a step are told apart here instead, and the recorder keeps each call's outputs apart.
         transform(net, schedule, blocks=list(found))
         hooks.append(
             net.register_forward_pre_hook(partial(_before_call, boundaries, recorder), with_kwargs=True)
@@ -154,10 +173,10 @@ def calibrate(
     metadata = {"generation_rule": rule, "torch": torch.__version__, "dtype": recorder.dtype}
     if pipe is not None and getattr(pipe, "scheduler", None) is not None:
         metadata["solver"] = type(pipe.scheduler).__name__
-    return CalibrationErrors(
-        steps=recorder.length,
-        lookahead=lookahead,
-        errors=recorder.mean_errors(),
+    return CalibrationErrors.from_calls(
+        recorder.length,
+        lookahead,
+        recorder.mean_errors(),
         flops={path: first.module_flops.get(path, 0) for path in recorder.branches},
         total_flops=first.total_flops,
         generations=recorder.generations,
@@ -284,37 +303,59 @@ def _find_components(blocks: dict, calls: dict) -> list[str]:
 
 # -- phase 3: recording ----------------------------------------------------------------------------
 class _Boundaries:
-    """Decides, per model call, whether it starts a new generation (see calibrate's docstring)."""
+    """Decides, per model call, whether it starts a new generation (see calibrate's docstring), and
+    checks that the calls of one step share its timestep."""
 
-    def __init__(self, rule: str, steps: int | None):
+    def __init__(self, rule: str, steps: int | None, calls_per_step: int):
         self.rule = rule
         self.steps = steps
+        self.calls_per_step = calls_per_step
         self.calls = 0
-        self.last_timestep: float | None = None
+        self.step_timestep: float | None = None  # the timestep of the current step's first call
         self.pipeline_depth = 0
         self.pipeline_started = False
 
-    def starts_generation(self, net, args, kwargs) -> bool:
+    def starts_generation(self, net, args, kwargs, slot: int) -> bool:
+        """Whether this call starts a generation; `slot` is the call of its step it would be if it
+        continues the current one."""
         self.calls += 1
+        read = self.rule == "timestep" or self.calls_per_step > 1
+        timestep = _timestep_value(net, args, kwargs) if read else None
         if self.rule == "steps":
-            return (self.calls - 1) % self.steps == 0
-        if self.rule == "pipeline":
+            starts = (self.calls - 1) % (self.steps * self.calls_per_step) == 0
+        elif self.rule == "pipeline":
             if self.pipeline_depth == 0:
                 raise ValueError(
                     f"with a pipeline, run must call the model only through the pipeline; "
-                    f"{type(net).__name__} was called outside pipe(...). Pass steps=<model calls per "
+                    f"{type(net).__name__} was called outside pipe(...). Pass steps=<steps per "
                     "generation>, or calibrate the model instead of the pipeline."
                 )
-            started, self.pipeline_started = self.pipeline_started, False
-            return started
-        timestep = _timestep_value(net, args, kwargs)
-        if timestep is None:
+            starts, self.pipeline_started = self.pipeline_started, False
+        else:
+            if timestep is None:
+                raise ValueError(
+                    f"{type(net).__name__} was called without a readable timestep argument in the middle "
+                    "of calibration; pass steps=<steps per generation>."
+                )
+            # Only a step's first call may start a generation: the others repeat its timestep.
+            previous = self.step_timestep
+            if slot == 0 and timestep == previous:
+                raise ValueError(
+                    f"consecutive steps must have different timesteps for calibrate to tell where a "
+                    f"generation starts; two steps in a row had timestep {timestep:g}. If the sampler "
+                    "calls the model N times per step (unbatched guidance), pass calls_per_step=N; if "
+                    "it evaluates a timestep twice (Heun), pass steps=<steps per generation>."
+                )
+            starts = slot == 0 and (previous is None or timestep > previous)
+        if starts or slot == 0:
+            self.step_timestep = timestep
+        elif timestep is not None and self.step_timestep is not None and timestep != self.step_timestep:
             raise ValueError(
-                f"{type(net).__name__} was called without a readable timestep argument in the middle "
-                "of calibration; pass steps=<model calls per generation>."
+                f"the {self.calls_per_step} calls of a step must share its timestep "
+                f"(calls_per_step={self.calls_per_step}); call {slot + 1} of a step had timestep "
+                f"{timestep:g} after the step's first call at {self.step_timestep:g}. Pass "
+                "calls_per_step=<model calls per step> (1 when the sampler batches its guidance)."
             )
-        starts = self.last_timestep is None or timestep >= self.last_timestep
-        self.last_timestep = timestep
         return starts
 
 
@@ -340,139 +381,17 @@ def _marking_pipeline_calls(pipe, boundaries: _Boundaries):
         pipe.__class__ = original
 
 
-def _before_call(boundaries: _Boundaries, recorder: _Recorder, module, args, kwargs) -> None:
-    if boundaries.starts_generation(module, args, kwargs):
+def _before_call(boundaries: _Boundaries, recorder: Recorder, module, args, kwargs) -> None:
+    if boundaries.starts_generation(module, args, kwargs, recorder.next_slot):
         recorder.start_generation()
 
 
-def _after_call(recorder: _Recorder, module, args, output) -> None:
+def _after_call(recorder: Recorder, module, args, output) -> None:
     recorder.record(module.smoothcache.branch_outputs())
 
 
-class _Recorder:
-    """Ring buffers of the last `lookahead` branch outputs and the running error sums."""
-
-    def __init__(self, lookahead: int, steps: int | None, progress: bool):
-        self.lookahead = lookahead
-        self.expected = steps
-        self.step = -1  # step index within the current generation; -1 before the first call
-        self.length: int | None = None  # model calls per generation, from the first one
-        self.generations = 0
-        self.branches: list[str] = []
-        self.dtype: str | None = None
-        self.ring: dict[str, list[list[torch.Tensor]]] = {}
-        self.pending: dict[str, list[list[torch.Tensor]]] = {}  # this generation's 0-d errors
-        self.sums: dict[str, list[np.ndarray]] = {}
-        self.progress = _Progress(progress)
-
-    def start_generation(self) -> None:
-        self.finish_generation()
-        self.step = -1
-
-    def record(self, outputs: dict[str, list[torch.Tensor]]) -> None:
-        if self.step == -1 and self.generations == 0 and not self.branches:
-            self.branches = sorted(outputs)
-            self.dtype = str(next(iter(outputs.values()))[0].dtype) if outputs else None
-        if sorted(outputs) != self.branches:
-            raise RuntimeError(
-                f"calibration saw branches {sorted(outputs)} at a step where it expected {self.branches}; "
-                "every block must run at every step."
-            )
-        self.step += 1
-        t = self.step
-        for path, tensors in outputs.items():
-            slots = self._slots(path, tensors, t)
-            current = [x.float() for x in tensors]
-            norm = sum(x.abs().sum() for x in current)
-            lags = self.pending.setdefault(path, [[] for _ in range(self.lookahead)])
-            for k in range(1, min(self.lookahead, t) + 1):
-                previous = slots[(t - k) % self.lookahead]
-                diff = sum((x - p.float()).abs().sum() for x, p in zip(current, previous, strict=True))
-                lags[k - 1].append(torch.nan_to_num(diff / norm, nan=0.0, posinf=math.inf))
-            for buffer, x in zip(slots[t % self.lookahead], tensors, strict=True):
-                buffer.copy_(x)
-        self.progress.update(self.generations + 1, t)
-
-    def _slots(self, path: str, tensors: list[torch.Tensor], t: int) -> list[list[torch.Tensor]]:
-        slots = self.ring.get(path)
-        shapes = [(x.shape, x.dtype, x.device) for x in tensors]
-        if slots is None or [(b.shape, b.dtype, b.device) for b in slots[0]] != shapes:
-            if t > 0:
-                raise ValueError(
-                    f"branch {path!r} changed its output shape in the middle of a generation (step {t}); "
-                    "keep batch size and resolution fixed within a generation, or pass steps= so "
-                    "generations are delimited correctly."
-                )
-            with torch.inference_mode(False):  # writable later whether or not run uses inference mode
-                slots = [[torch.empty_like(x) for x in tensors] for _ in range(self.lookahead)]
-            self.ring[path] = slots
-        return slots
-
-    def finish_generation(self) -> None:
-        if self.step < 0:
-            return
-        length = self.step + 1
-        self.step = -1
-        expected = self.expected if self.expected is not None else self.length
-        if expected is not None and length != expected:
-            source = "steps" if self.expected is not None else "the first generation's count"
-            raise ValueError(
-                f"generations must all have the same number of model calls; generation "
-                f"{self.generations + 1} has {length}, but {source} is {expected}. Calibrate each step "
-                "count separately (Schedule.from_errors(errors, alpha, steps=N) adapts errors to another count)."
-            )
-        self.length = length
-        flat = [value for path in self.branches for lag in self.pending[path] for value in lag]
-        values = iter(torch.stack(flat).tolist() if flat else [])  # one device sync per generation
-        for path in self.branches:
-            sums = self.sums.setdefault(
-                path, [np.zeros(max(length - k, 0)) for k in range(1, self.lookahead + 1)]
-            )
-            for k in range(self.lookahead):
-                sums[k] += [next(values) for _ in range(len(sums[k]))]
-        self.pending.clear()
-        self.generations += 1
-
-    def mean_errors(self) -> dict[str, list[list[float]]]:
-        return {path: [(s / self.generations).tolist() for s in sums] for path, sums in self.sums.items()}
-
-    def close(self) -> None:
-        self.ring.clear()
-        self.progress.close()
-
-
-class _Progress:
-    """tqdm when installed, else one rewritten line on stderr; silent when disabled."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(desc="calibrate", unit="step", file=sys.stderr)
-
-    def update(self, generation: int, step: int) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(generation=generation, step=step + 1, refresh=False)
-            self.bar.update(1)
-        elif self.enabled:
-            sys.stderr.write(f"\rcalibrate: generation {generation}, step {step + 1}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            sys.stderr.write("\n")
-        self.enabled = False
-        self.bar = None
-
-
-def _check_count(name: str, value: Any, meaning: str) -> None:
+def _check_count(name: str, value: Any, fix: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int ({meaning}); got {type(value).__name__} {value!r}.")
+        raise TypeError(f"{name} must be an int >= 1; got {type(value).__name__} {value!r}. Pass {fix}.")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1 ({meaning}); got {value}.")
+        raise ValueError(f"{name} must be an int >= 1; got {value}. Pass {fix}.")
