@@ -216,17 +216,18 @@ class BlockState:
             _register_schedule_table(block, entry, self.runtime.schedule.steps)
         return entry
 
-    def _capture_graph(self, block, args, kwargs) -> CapturedBlock | None:
-        """torch.export of the block, or None (with one warning per block class) when it cannot be
-        exported: such a block runs as the model wrote it, uncached; `strict=True` raises instead.
+    def _capture_shared(self, block, args, kwargs, dependencies) -> SharedCapture | None:
+        """`capture_shared`, or None (with one warning per block class) when torch.export cannot
+        capture the block: it then runs as the model wrote it, uncached; `strict=True` raises.
 
         Export fails in many ways (data-dependent control flow, `.numpy()`, untraceable calls),
         each with its own exception type, so every exception counts as "cannot be captured"; the
         original is chained to the error in strict mode and named in the warning otherwise.
         """
         try:
-            with torch.inference_mode(False):
-                return capture_block(block, self.original_class.forward, args, kwargs)
+            return capture_shared(
+                self.original_class, block, args, kwargs, dependencies, self.runtime.captured_graphs
+            )
         except Exception as error:
             reason = (
                 f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -267,16 +268,10 @@ class BlockState:
         return entry
 
     def _capture(self, block, args, kwargs) -> _Capture:
-        signature, _ = call_signature(args, kwargs)
         dependencies = CaptureDependencies(block)
-        shared_key = (self.original_class, structure_key(block), signature, dependencies.key())
-        shared = self.runtime.captured_graphs.get(shared_key)
+        shared = self._capture_shared(block, args, kwargs, dependencies)
         if shared is None:
-            captured = self._capture_graph(block, args, kwargs)
-            if captured is None:
-                return None
-            shared = SharedCapture(captured, find_residual_branches(captured.graph_module.graph))
-            self.runtime.captured_graphs[shared_key] = shared
+            return None
         shared.blocks.append(self.path)
         branches = shared.branches
         schedule = self.runtime.schedule
@@ -328,6 +323,32 @@ class BlockState:
                 self.written.add((slot, index))
             caches.append(getattr(block, cache_name(index, slot)))
         return caches
+
+
+def capture_shared(
+    original_class: type,
+    block: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    dependencies: CaptureDependencies,
+    graphs: dict,
+) -> SharedCapture:
+    """The one place a block is captured and its residual branches found (the runtime and
+    `calibrate` both come here): a `SharedCapture` from `graphs`, or a new one put there.
+
+    Blocks share a capture when their class, structure (`structure_key`), call signature and the
+    Python values their capture bakes in (`CaptureDependencies.key`) are equal: parameters are
+    graph inputs, so one graph serves them all.
+    """
+    signature, _ = call_signature(args, kwargs)
+    key = (original_class, structure_key(block), signature, dependencies.key())
+    shared = graphs.get(key)
+    if shared is None:
+        with torch.inference_mode(False):
+            captured = capture_block(block, original_class.forward, args, kwargs)
+        shared = SharedCapture(captured, find_residual_branches(captured.graph_module.graph))
+        graphs[key] = shared
+    return shared
 
 
 def _contiguous(tensors):

@@ -17,7 +17,6 @@ Three phases, all on the caller's own model object:
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,19 +24,17 @@ from typing import Any
 
 import torch
 
+from smoothcache_fx.block import capture_shared
 from smoothcache_fx.calibrate_record import Recorder
+from smoothcache_fx.dependencies import CaptureDependencies
 from smoothcache_fx.flops import flop_counter
-from smoothcache_fx.passes.branches import find_residual_branches
-from smoothcache_fx.passes.capture import call_signature, capture_block, structure_key
+from smoothcache_fx.generation import TIMESTEP_ARGUMENTS, timestep_of
 from smoothcache_fx.runtime import ToolOptions
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.schedules.errors import CalibrationErrors
 from smoothcache_fx.transform import _is_pipeline, find_blocks, transform, untransform
 
 __all__ = ["CalibrationErrors", "calibrate"]
-
-# Argument names read as the timestep when generations are delimited by the timestep rule.
-TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t")
 
 
 def calibrate(
@@ -211,7 +208,7 @@ def _first_call(net: torch.nn.Module, blocks: dict, run: Callable) -> _FirstCall
     starts: dict[str, list[int]] = {}
 
     def before_model(module, args, kwargs):
-        first.timestep = _timestep_value(module, args, kwargs)
+        first.timestep = timestep_of(module, args, kwargs)
         counter.__enter__()
         counting.append(True)
 
@@ -261,36 +258,18 @@ def _first_call(net: torch.nn.Module, blocks: dict, run: Callable) -> _FirstCall
     return first
 
 
-def _timestep_value(net: torch.nn.Module, args: tuple, kwargs: dict) -> float | None:
-    value = next((kwargs[name] for name in TIMESTEP_ARGUMENTS if name in kwargs), None)
-    if value is None:
-        try:
-            bound = inspect.signature(net.forward).bind_partial(*args, **kwargs).arguments
-        except (TypeError, ValueError):
-            return None
-        value = next((bound[name] for name in TIMESTEP_ARGUMENTS if name in bound), None)
-    if isinstance(value, torch.Tensor):
-        return float(value.reshape(-1)[0]) if value.numel() else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
 # -- phase 2: branches ---------------------------------------------------------------------------
 def _find_components(blocks: dict, calls: dict) -> list[str]:
-    """Component names of every residual branch, by the pass's own pattern, in graph order."""
+    """Component names of every residual branch, found by the runtime's own capture
+    (`block.capture_shared`), in graph order."""
     found: dict[str, None] = {}
-    shared: dict[tuple, tuple[str, ...]] = {}
+    graphs: dict = {}
     for path, block in blocks.items():
         if path not in calls:
             continue  # not called in the first step: the runtime would not capture it either
         args, kwargs = calls[path]
-        key = (type(block), structure_key(block), call_signature(args, kwargs)[0])
-        if key not in shared:
-            with torch.inference_mode(False):
-                captured = capture_block(block, type(block).forward, args, kwargs)
-            shared[key] = find_residual_branches(captured.graph_module.graph).components
-        found.update(dict.fromkeys(shared[key]))
+        shared = capture_shared(type(block), block, args, kwargs, CaptureDependencies(block), graphs)
+        found.update(dict.fromkeys(shared.branches.components))
     if not found:
         classes = sorted({type(block).__name__ for block in blocks.values()})
         raise NotImplementedError(
@@ -320,7 +299,7 @@ class _Boundaries:
         continues the current one."""
         self.calls += 1
         read = self.rule == "timestep" or self.calls_per_step > 1
-        timestep = _timestep_value(net, args, kwargs) if read else None
+        timestep = timestep_of(net, args, kwargs) if read else None
         if self.rule == "steps":
             starts = (self.calls - 1) % (self.steps * self.calls_per_step) == 0
         elif self.rule == "pipeline":
