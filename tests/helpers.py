@@ -1,9 +1,12 @@
-"""Shared test helpers: step-by-step model calls on the test models."""
+"""Shared test helpers: step-by-step model calls on the test models, the block styles the pass is
+checked on end to end, and a block captured the way the runtime captures it (for direct pass tests)."""
 
 from __future__ import annotations
 
 import models
 import torch
+
+from smoothcache_fx.passes.capture import CapturedBlock, capture_block
 
 
 def dit_call(model, step: int, batch: int = 2, dtype=torch.float32):
@@ -27,3 +30,21 @@ def tiny_call(model, step: int, batch: int = 2):
 def run_steps(model, call, steps: int, **kwargs) -> list[torch.Tensor]:
     with torch.no_grad():
         return [call(model, step, **kwargs) for step in range(steps)]
+
+
+# Block style -> (model factory, step call, the components its blocks have).
+CASES = {
+    "diffusers-dit": (models.diffusers_dit, dit_call, ("attn1", "ff")),
+    "diffusers-pixart": (models.diffusers_pixart, pixart_call, ("attn1", "attn2", "ff")),
+    "facebook-dit-block": (models.TinyDiT, tiny_call, ("attn", "mlp")),
+    "uvit-block": (models.TinyUViT, tiny_call, ("attn", "mlp")),
+}
+
+
+def capture(block: torch.nn.Module, *args: torch.Tensor) -> tuple[CapturedBlock, list[torch.Tensor]]:
+    """`block(*args)` captured as the runtime captures it, and the inputs its graph takes for that
+    call (the block's parameters and buffers, lifted constants, then `args`)."""
+    captured = capture_block(block, type(block).forward, args, {})
+    state = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+    inputs = [*(state[name] for name in captured.state_names), *captured.constants, *args]
+    return captured, inputs

@@ -1,0 +1,60 @@
+"""passes/conditional.py: each scheduled component's exclusive work in one `torch.cond` on a flag.
+
+The graph form built on it is tested end to end in test_graph_form.py."""
+
+from __future__ import annotations
+
+import models
+import torch
+from helpers import capture
+
+from smoothcache_fx.passes.branches import find_residual_branches
+from smoothcache_fx.passes.conditional import GATED_RESIDUAL_ADD_AND_CACHE, exclusive_nodes, make_conditional
+
+aten = torch.ops.aten
+
+
+def test_make_conditional_computes_or_reuses_each_component_by_its_flag():
+    """Computing writes every branch into its cache; reusing reads it back, so a second call on the
+    same inputs gives the same output; reusing from empty caches does not."""
+    torch.manual_seed(0)
+    block = models.DiTBlock(models.HIDDEN, models.HEADS).eval()
+    captured, inputs = capture(
+        block, torch.randn(2, models.TOKENS, models.HIDDEN), torch.randn(2, models.HIDDEN)
+    )
+    branches = find_residual_branches(captured.graph_module.graph)
+    conditional = make_conditional(captured.graph_module, branches, ["mlp", "attn"])
+    graph = conditional.graph_module.graph
+    assert conditional.components == ("attn", "mlp")  # graph order, not the argument's
+    assert conditional.rewritten == 2 and conditional.cache_indices == (0, 1)
+    assert sum(1 for n in graph.nodes if n.target is torch.ops.higher_order.cond) == 2
+    assert sum(1 for n in graph.nodes if n.target is GATED_RESIDUAL_ADD_AND_CACHE) == 2
+    with torch.no_grad():
+        (want,) = captured.graph_module(*inputs)
+        caches = [torch.zeros_like(want) for _ in conditional.cache_sites]
+        (computed,) = conditional.graph_module(*inputs, torch.tensor([True, True]), *caches)
+        (reused,) = conditional.graph_module(*inputs, torch.tensor([False, False]), *caches)
+        empty = [torch.zeros_like(want) for _ in conditional.cache_sites]
+        (from_empty,) = conditional.graph_module(*inputs, torch.tensor([False, True]), *empty)
+    assert torch.equal(computed, want) and torch.equal(reused, want)
+    assert not torch.equal(from_empty, want)
+
+
+def _branch_with_a_cache_write(x, cache):
+    a = aten.relu.default(x)
+    b = aten.sin.default(a)
+    aten.copy_.default(cache, b)
+    c = aten.cos.default(b)
+    return aten.add.Tensor(a, c)
+
+
+def test_exclusive_nodes_keep_shared_work_and_side_effects_outside():
+    """Only what `c` alone needs: `a` feeds the output too, and `b` feeds a cache write."""
+    graph = torch.fx.symbolic_trace(_branch_with_a_cache_write).graph
+    nodes = {n.target: n for n in graph.nodes}
+    assert exclusive_nodes(graph, [nodes[aten.cos.default]]) == [nodes[aten.cos.default]]
+    graph.erase_node(nodes[aten.copy_.default])
+    assert exclusive_nodes(graph, [nodes[aten.cos.default]]) == [
+        nodes[aten.sin.default],
+        nodes[aten.cos.default],
+    ]
