@@ -49,6 +49,7 @@ setup(
             "matplotlib>=3.11,<3.12",
             "safetensors>=0.8,<0.9",
             "dit-smoothcache==0.1.1",
+            "peft>=0.21,<0.22",  # adapter changes must make blocks capture again (test_dependencies)
             "triton==3.7.1; platform_system == 'Linux'",  # what torch 2.13.0's CUDA wheel pins; no torch dep
         ],
     },

@@ -194,3 +194,11 @@ def inductor_kernel_profile() -> contextlib.AbstractContextManager:
 def mark_static_address(buffer: torch.Tensor) -> None:
     """CUDA graphs read and write this buffer in place instead of copying it at each replay."""
     torch._dynamo.mark_static_address(buffer, guard=False)
+
+
+# -- deployment (smoothcache_fx/package.py) ---------------------------------------------------------
+def aoti_compile_and_package(program, package_path: str, inductor_configs: dict):
+    """AOTInductor's packager (documented, but under torch._inductor)."""
+    return torch._inductor.aoti_compile_and_package(
+        program, package_path=package_path, inductor_configs=inductor_configs
+    )

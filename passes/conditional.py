@@ -121,7 +121,13 @@ def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches) ->
     first_user = min((user for out in outputs for user in out.users), key=_position(graph))
     with graph.inserting_before(first_user):
         operands = [_unaliased(graph, node) for node in operands]
-        pred = graph.call_function(torch.ops.aten.select.int, (flags, 0, index))
+        # `any` over a one-entry slice, not `flags[index]`: AOTInductor (torch 2.13, CPU) reads a
+        # cond predicate from its buffer's start, so predicates that are views into one flags tensor
+        # all read entry 0 (two conds on flags[0] and flags[1] took flags[0] for both); a reduction
+        # gives each predicate a buffer of its own. Same value everywhere else.
+        entry = graph.call_function(torch.ops.aten.slice.Tensor, (flags, 0, index, index + 1))
+        entry.meta["val"] = torch.empty((1,), dtype=torch.bool)
+        pred = graph.call_function(torch.ops.aten.any.default, (entry,))
         pred.meta["val"] = torch.empty((), dtype=torch.bool)
         true_attr = graph.get_attr(f"{component}_compute")
         false_attr = graph.get_attr(f"{component}_reuse")
