@@ -24,6 +24,7 @@ from torch.fx import Graph, GraphModule, Node
 import smoothcache_fx.kernels  # noqa: F401  (registers the torch.ops.smoothcache_fx ops)
 from smoothcache_fx.kernels.compat import COND, returns_alias
 from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
+from smoothcache_fx.passes.narrow import split_linears_by_chunk
 
 GATED_RESIDUAL_ADD_AND_CACHE = torch.ops.smoothcache_fx.gated_residual_add_and_cache.default
 
@@ -46,6 +47,9 @@ def make_conditional(graph_module: GraphModule, branches: BlockBranches, compone
     graph.output(graph.graph_copy(graph_module.graph, {}))
     root = torch.nn.Module()
     nodes = {node.name: node for node in graph.nodes}
+    # One linear per modulation chunk, so each branch's shift/scale moves into its own cond below.
+    if split_linears_by_chunk(graph, nodes):
+        graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     cache_sites = tuple(site for site in branches.sites if site.component in components)
 

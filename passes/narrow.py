@@ -31,16 +31,37 @@ aten = torch.ops.aten
 def narrow_partial_linears(graph: Graph) -> int:
     """Rewrite `getitem(split(linear(x, W, b), size, -1), i)` for the chunks still read, when some
     are not; returns how many linears were narrowed. Run DCE afterwards."""
+    replaced: dict[str, Node] = {}
+    return _rewrite_split_linears(graph, every_chunk=False, replaced=replaced)
+
+
+def split_linears_by_chunk(graph: Graph, nodes: dict[str, Node]) -> int:
+    """Rewrite every `getitem(split(linear(x, W, b), size, -1), i)` into one linear per chunk, also
+    when every chunk is read; returns how many linears were split. For the single-graph form: there
+    the step is a tensor, nothing is dead at capture time, and a shift/scale chunk that only one
+    branch reads can then move into that branch's `cond` and be skipped where the branch is reused,
+    as the variants' narrowing skips it (the gates stay outside: the fused add reads them).
+
+    `nodes` (name -> node, as callers holding residual sites keep them) is updated for every getitem
+    replaced. Returns how many linears were split; run DCE afterwards."""
+    replaced: dict[str, Node] = {}
+    count = _rewrite_split_linears(graph, every_chunk=True, replaced=replaced)
+    nodes.update(replaced)
+    return count
+
+
+def _rewrite_split_linears(graph: Graph, every_chunk: bool, replaced: dict[str, Node]) -> int:
     narrowed = 0
     for split in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.split.Tensor]:
-        pieces = _used_pieces(split)
+        pieces = _used_pieces(split, every_chunk)
         if pieces is None:
             continue
         linear, size = split.args[0], split.args[1]
         x, weight = linear.args[0], linear.args[1]
         bias = linear.args[2] if len(linear.args) > 2 else None
         out_features = weight.meta["val"].shape[0]
-        for run in _runs(sorted(pieces)):
+        runs = [[index] for index in sorted(pieces)] if every_chunk else _runs(sorted(pieces))
+        for run in runs:
             start, end = run[0] * size, min((run[-1] + 1) * size, out_features)
             with graph.inserting_before(split):
                 rows = _slice(graph, weight, start, end)
@@ -54,6 +75,7 @@ def narrow_partial_linears(graph: Graph) -> int:
                     with graph.inserting_before(split):
                         replacement = _call(graph, operator.getitem, (parts, offset), pieces[index].meta)
                 pieces[index].replace_all_uses_with(replacement)
+                replaced[pieces[index].name] = replacement
                 graph.erase_node(pieces[index])
         narrowed += 1
     return narrowed
@@ -77,8 +99,9 @@ def _call(graph: Graph, target, args: tuple, meta: dict) -> Node:
     return node
 
 
-def _used_pieces(split: Node) -> dict[int, Node] | None:
-    """{chunk index: its getitem} when `split` splits a linear's last dim and reads some chunks only."""
+def _used_pieces(split: Node, every_chunk: bool = False) -> dict[int, Node] | None:
+    """{chunk index: its getitem} when `split` splits a linear's last dim and reads some chunks only
+    (or, with `every_chunk`, any of them)."""
     linear = split.args[0]
     if not isinstance(linear, Node) or linear.target is not aten.linear.default or len(linear.users) != 1:
         return None
@@ -96,7 +119,7 @@ def _used_pieces(split: Node) -> dict[int, Node] | None:
     if not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
         return None
     chunks = -(-value.shape[-1] // split.args[1])
-    if len(users) >= chunks:
+    if len(users) >= chunks and not every_chunk:
         return None
     return {u.args[1]: u for u in users}
 

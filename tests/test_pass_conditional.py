@@ -58,3 +58,35 @@ def test_exclusive_nodes_keep_shared_work_and_side_effects_outside():
         nodes[aten.sin.default],
         nodes[aten.cos.default],
     ]
+
+
+def test_each_branch_modulation_chunk_moves_into_its_cond():
+    """As the variants narrow the adaLN modulation linear to the chunks a step reads, the single
+    graph splits it by chunk, so a branch's shift and scale are computed inside its cond (skipped
+    when it is reused) and only the two gates outside (the fused add reads them every step)."""
+    torch.manual_seed(0)
+    block = models.DiTBlock(models.HIDDEN, models.HEADS).eval()
+    captured, inputs = capture(
+        block, torch.randn(2, models.TOKENS, models.HIDDEN), torch.randn(2, models.HIDDEN)
+    )
+    branches = find_residual_branches(captured.graph_module.graph)
+    conditional = make_conditional(captured.graph_module, branches, ["attn", "mlp"])
+    gm = conditional.graph_module
+
+    def modulation_linears(graph):
+        return [
+            n
+            for n in graph.nodes
+            if n.target is aten.linear.default
+            and n.meta["val"].shape[-1] == models.HIDDEN
+            and n.args[0].meta["val"].dim() == 2  # on the conditioning vector, not on tokens
+        ]
+
+    assert len(modulation_linears(gm.graph)) == 2  # the gates
+    for component in ("attn", "mlp"):
+        assert len(modulation_linears(getattr(gm, f"{component}_compute").graph)) == 2  # shift, scale
+    with torch.no_grad():
+        (want,) = captured.graph_module(*inputs)
+        caches = [torch.zeros_like(want) for _ in conditional.cache_sites]
+        (computed,) = gm(*inputs, torch.tensor([True, True]), *caches)
+    assert torch.equal(computed, want)
