@@ -206,15 +206,18 @@ class BlockState:
             self.captures[signature] = entry
         self.current = entry
         self.written.clear()
-        _allocate_caches(
-            block,
-            entry,
-            static=self.runtime.compile_config.uses_cuda_graphs,
-            slots=self.runtime.calls_per_step,
-        )
-        if self.runtime.form == "graph":
-            _register_schedule_table(block, entry, self.runtime.schedule.steps)
+        self._prepare_buffers(block, entry)
         return entry
+
+    def _prepare_buffers(self, block, entry: _Capture) -> None:
+        """The entry's cache buffers (kept where shape, dtype and device still fit) and, in the
+        graph form, its schedule table."""
+        runtime = self.runtime
+        _allocate_caches(
+            block, entry, static=runtime.compile_config.uses_cuda_graphs, slots=runtime.calls_per_step
+        )
+        if runtime.form == "graph":
+            _register_schedule_table(block, entry, runtime.schedule.steps)
 
     def _capture_shared(self, block, args, kwargs, dependencies) -> SharedCapture | None:
         """`capture_shared`, or None (with one warning per block class) when torch.export cannot
@@ -245,7 +248,7 @@ class BlockState:
             self.runtime.warn_uncapturable(name, self.path, reason, remedy)
             return None
 
-    def _capture_again(self, block, signature: CallSignature, args, kwargs, change: str) -> _Capture:
+    def _capture_again(self, block, signature: CallSignature, args, kwargs, change: str) -> _Capture | None:
         """The block changed what its capture depends on: capture it again (its variants are
         specialised and compiled again). Caches written this generation stay valid: same call,
         same branch outputs' shapes."""
@@ -253,18 +256,13 @@ class BlockState:
         components = self.current.branches.components
         self.captures.clear()
         entry = self._capture(block, args, kwargs)
-        self.captures[signature] = entry
         self.current = entry
+        if entry is None:  # the change made it uncapturable: it runs uncached from now on
+            return None
+        self.captures[signature] = entry
         if entry.branches.components != components:
             self.written.clear()
-        _allocate_caches(
-            block,
-            entry,
-            static=self.runtime.compile_config.uses_cuda_graphs,
-            slots=self.runtime.calls_per_step,
-        )
-        if self.runtime.form == "graph":
-            _register_schedule_table(block, entry, self.runtime.schedule.steps)
+        self._prepare_buffers(block, entry)
         return entry
 
     def _capture(self, block, args, kwargs) -> _Capture:

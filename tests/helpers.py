@@ -48,3 +48,13 @@ def capture(block: torch.nn.Module, *args: torch.Tensor) -> tuple[CapturedBlock,
     state = {**dict(block.named_parameters()), **dict(block.named_buffers())}
     inputs = [*(state[name] for name in captured.state_names), *captured.constants, *args]
     return captured, inputs
+
+
+def pipeline_images(pipe, steps: int):
+    """One DiT pipeline generation of two fixed classes from a fixed seed, as numpy images."""
+    return pipe(
+        class_labels=[1, 7],
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler
+from helpers import pipeline_images
 
 import smoothcache_fx
 from smoothcache_fx import Schedule
@@ -28,12 +29,7 @@ SCHEDULE = Schedule.from_dict({"attn1": [1, 0, 1, 0, 1, 1], "ff": [1, 1, 0, 1, 0
 
 
 def _images(pipe, steps=STEPS):
-    return pipe(
-        class_labels=[1, 7],
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    return pipeline_images(pipe, steps)
 
 
 def _fresh_pipeline_images(original, steps):

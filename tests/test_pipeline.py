@@ -8,6 +8,7 @@ import models
 import numpy as np
 import pytest
 import torch
+from helpers import pipeline_images
 
 import smoothcache_fx
 from smoothcache_fx import Schedule
@@ -16,12 +17,7 @@ STEPS = 6
 
 
 def _generate(pipe, steps=STEPS):
-    return pipe(
-        class_labels=[1, 7],
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    return pipeline_images(pipe, steps)
 
 
 @pytest.fixture(scope="module")

@@ -110,3 +110,31 @@ def test_full_paths_name_wrapped_blocks():
     stats = model.smoothcache.stats
     assert stats["blocks.0.block.attn"]["reused"] == 2
     assert "blocks.2.block.attn" not in stats or stats["blocks.2.block.attn"]["reused"] == 0
+
+
+class HostRoutedMlp(nn.Module):
+    """A feed-forward that picks one of two MLPs on the host: not capturable."""
+
+    def __init__(self, dim: int = models.HIDDEN):
+        super().__init__()
+        self.experts = nn.ModuleList([models.Mlp(dim), models.Mlp(dim)])
+
+    def forward(self, x):
+        return self.experts[int(x.mean().gt(0).cpu().numpy())](x)
+
+
+def test_a_change_that_makes_a_block_uncapturable_runs_it_uncached():
+    """Captured once, then a submodule swap makes the block untraceable: it runs as written."""
+    torch.manual_seed(0)
+    original = models.TinyDiT(depth=2)
+    model = smoothcache_fx.transform(copy.deepcopy(original), SCHEDULE)
+    run_steps(model, tiny_call, STEPS)
+    torch.manual_seed(1)
+    routed = HostRoutedMlp()
+    original.blocks[1].mlp = routed
+    model.blocks[1].mlp = copy.deepcopy(routed)
+    with pytest.warns(UserWarning, match=r"DiTBlock.*'blocks.1'.*cannot be captured"):
+        got = run_steps(model, tiny_call, STEPS)
+    reference = smoothcache_fx.transform(copy.deepcopy(original), SCHEDULE, blocks=["blocks.0"])
+    for want, have in zip(run_steps(reference, tiny_call, STEPS), got, strict=True):
+        assert torch.equal(want, have)
