@@ -149,12 +149,13 @@ class Recorder:
 
 
 class Progress:
-    """tqdm when installed, else one rewritten line on stderr; silent when disabled."""
+    """tqdm when installed, else one rewritten line on stderr; silent when disabled, and when stderr
+    is not a terminal (a redrawn bar in a log file is one line per update)."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
+        self.enabled = enabled and sys.stderr.isatty()
         self.bar = None
-        if enabled:
+        if self.enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:

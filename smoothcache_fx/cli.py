@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import warnings
 
 
+def _version() -> str:
+    """The installed distribution's version (setup.py's), or a note for an uninstalled tree."""
+    try:
+        return importlib.metadata.version("smoothcache-fx")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run `pip install -e .`)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smoothcache-fx", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"smoothcache-fx {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(

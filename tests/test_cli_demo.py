@@ -140,3 +140,20 @@ def test_profile_command_rejects_a_schedule_for_another_model(tmp_path, capsys):
     schedule.write_text(json.dumps({"attn": [1, 0, 1], "mlp": [1, 0, 1]}))
     assert main(["profile", "--schedule", str(schedule)]) == 2
     assert "match no branch of the demo DiT" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert re.fullmatch(r"smoothcache-fx \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+
+
+def test_calibration_progress_only_on_a_terminal(capsys):
+    """A redrawn progress bar in a log file is one line per update: none when stderr is not a tty."""
+    from smoothcache_fx.calibrate_record import Progress
+
+    progress = Progress(True)
+    progress.update(1, 0)
+    progress.close()
+    assert capsys.readouterr().err == ""
