@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import sys
 
@@ -446,12 +447,20 @@ def test_calibrate_a_pipeline_one_generation_per_call():
     assert Schedule.from_errors(errors, alpha=0.5).metadata["solver"] == "DDIMScheduler"
 
 
-def test_calibrate_components_and_progress(capsys):
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_calibrate_components_and_progress(monkeypatch):
+    """Progress is shown on a terminal (and only there: test_cli_demo checks a non-terminal)."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     model = _tiny_dit()
     errors = smoothcache_fx.calibrate(model, lambda: _ddim_tiny(model, 4), components=["mlp"], lookahead=1)
     assert errors.branches == ("blocks.0.mlp", "blocks.1.mlp")
     assert errors.metadata["generation_rule"] == "timestep"  # TinyDiT's timestep argument is `t`
-    assert "calibrate" in capsys.readouterr().err
+    assert "calibrate" in terminal.getvalue()
 
 
 class _NoTimestep(nn.Module):
