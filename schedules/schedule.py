@@ -171,6 +171,45 @@ class Schedule:
         """A copy with ``metadata`` merged over the current metadata (this schedule is unchanged)."""
         return dataclasses.replace(self, metadata={**self.metadata, **metadata})
 
+    def rename(self, components: Mapping[str, str]) -> Schedule:
+        """A copy whose keys name other components (this schedule is unchanged): Roblox's DiT
+        files say `attn` and `mlp` where diffusers' DiT has `attn1` and `ff`.
+
+        The component part of every key is renamed: `attn` -> `attn1`, `attn-3` -> `attn1-3`,
+        `blocks.3.attn` -> `blocks.3.attn1`.
+
+        Example::
+
+            >>> sorted(Schedule(2, {"attn": [1, 0], "mlp-1": [1, 1]}).rename({"attn": "attn1", "mlp": "ff"}).keys)
+            ['attn1', 'ff-1']
+        """
+        if not isinstance(components, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in components.items()
+        ):
+            raise TypeError(
+                f"components must map component names to component names, e.g. {{'attn': 'attn1'}}; "
+                f"got {components!r}."
+            )
+        renamed: dict[str, tuple[int, ...]] = {}
+        used = set()
+        for key, mask in self.masks.items():
+            new = _renamed_key(key, components)
+            if new != key:
+                used.add(_component_of(key))
+            if new in renamed:
+                raise ValueError(
+                    f"renaming gives two schedule keys the name {new!r}; got keys {list(self.masks)} and "
+                    f"renames {dict(components)}. Rename to distinct components, or drop one key first."
+                )
+            renamed[new] = mask
+        unused = sorted(set(components) - used)
+        if unused:
+            raise ValueError(
+                f"rename names components {unused} that no schedule key has; the keys are "
+                f"{list(self.masks)}. Check the spelling, or leave those out of the mapping."
+            )
+        return dataclasses.replace(self, masks=renamed)
+
     # ------------------------------------------------------------------ generators
 
     @classmethod
@@ -390,6 +429,21 @@ class Schedule:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _component_of(key: str) -> str:
+    """The component a key names: `attn` in `attn`, `attn-3` and `blocks.3.attn`."""
+    last = key.rsplit(".", 1)[-1]
+    return last if "." in key else key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
+
+
+def _renamed_key(key: str, components: Mapping[str, str]) -> str:
+    component = _component_of(key)
+    if component not in components:
+        return key
+    if "." in key:
+        return f"{key.rsplit('.', 1)[0]}.{components[component]}"
+    return components[component] + key[len(component) :]
 
 
 def _candidates(branch_path: str) -> list[str]:

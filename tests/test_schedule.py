@@ -506,3 +506,21 @@ def test_validation_errors_from_a_file_name_the_file(tmp_path):
     path.write_text(json.dumps({"attn": [0, 1]}))
     with pytest.raises(ValueError, match=r"lazy\.json: every mask must compute at step 0"):
         Schedule.load(path)
+
+
+def test_rename_components_in_every_key_form():
+    schedule = Schedule(2, {"attn": [1, 0], "mlp-3": [1, 1], "blocks.1.attn": [1, 1]})
+    renamed = schedule.rename({"attn": "attn1", "mlp": "ff"})
+    assert set(renamed.keys) == {"attn1", "ff-3", "blocks.1.attn1"}
+    assert renamed.masks["ff-3"] == (1, 1) and set(schedule.keys) == {"attn", "mlp-3", "blocks.1.attn"}
+    assert renamed.mask_for("transformer_blocks.3.ff") == (True, True)
+
+
+def test_rename_errors_say_what_to_fix():
+    schedule = Schedule(2, {"attn": [1, 0], "attn1": [1, 1]})
+    with pytest.raises(ValueError, match=r"two schedule keys the name 'attn1'"):
+        schedule.rename({"attn": "attn1"})
+    with pytest.raises(ValueError, match=r"\['mlp'\] that no schedule key has"):
+        schedule.rename({"mlp": "ff"})
+    with pytest.raises(TypeError, match="map component names"):
+        schedule.rename(["attn"])
