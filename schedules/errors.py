@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .json_file import read_json_object
+
 if TYPE_CHECKING:
     from .schedule import Schedule
 
@@ -404,8 +406,9 @@ class CalibrationErrors:
         if isinstance(source, Mapping):
             return cls.from_dict(source)
         path = Path(source)
+        data = read_json_object(path, "calibration errors", "the output of CalibrationErrors.save()")
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            return cls.from_dict(data)
         except (ValueError, TypeError) as err:
             raise type(err)(f"{path}: {err}") from err
 

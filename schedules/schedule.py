@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_from_errors
+from .json_file import read_json_object
 
 FORMAT_NAME = "smoothcache_fx.schedule"
 FORMAT_VERSION = 1
@@ -369,37 +370,8 @@ class Schedule:
                 f"source must be a path (str or os.PathLike) or a dict; got {type(source).__name__}."
             )
         path = Path(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"schedule path must name an existing JSON file; got {str(path)!r}, which does not exist. "
-                "Check the path (relative paths are from the current directory)."
-            ) from err
-        except UnicodeDecodeError as err:
-            raise ValueError(
-                f"schedule file {str(path)!r} must be JSON text in UTF-8; got a byte that is not UTF-8 at "
-                f"offset {err.start} ({err.reason}). Pass the JSON file written by Schedule.save() or a "
-                "Roblox-style schedule, not a binary file such as weights or a picture."
-            ) from err
-        except OSError as err:  # a folder, no permission, ...: same type, with the path and the fix
-            raise type(err)(
-                f"schedule path must name a readable JSON file; got {str(path)!r} "
-                f"({err.strerror or err}). Pass a file, not a folder, that you may read."
-            ) from err
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"schedule file {str(path)!r} must contain valid JSON; got an error at line {err.lineno}, "
-                f"column {err.colno}: {err.msg}. The file should hold an object such as {_EXAMPLE} "
-                "or the output of Schedule.save()."
-            ) from err
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"schedule file {str(path)!r} must contain a JSON object; got a JSON "
-                f"{type(data).__name__}. Write an object such as {_EXAMPLE}."
-            )
+        expected = f"an object such as {_EXAMPLE}, the output of Schedule.save() or a Roblox-style schedule"
+        data = read_json_object(path, "schedule", expected)
         try:
             return cls.from_dict(data)
         except ValueError as err:

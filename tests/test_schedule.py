@@ -524,3 +524,23 @@ def test_rename_errors_say_what_to_fix():
         schedule.rename({"mlp": "ff"})
     with pytest.raises(TypeError, match="map component names"):
         schedule.rename(["attn"])
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff", ValueError, "must be JSON text in UTF-8"),
+        (b"{not json", ValueError, "must contain valid JSON"),
+        (b"[1, 2]", ValueError, "must contain a JSON object"),
+    ],
+)
+def test_calibration_errors_load_failures_name_the_file(tmp_path, content, error, message):
+    from smoothcache_fx.schedules.errors import CalibrationErrors
+
+    path = tmp_path / "errors.json"
+    path.write_bytes(content)
+    with pytest.raises(error, match=message) as info:
+        CalibrationErrors.load(path)
+    assert str(path) in str(info.value) and "CalibrationErrors.save()" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="calibration errors path must name an existing"):
+        CalibrationErrors.load(tmp_path / "missing.json")
