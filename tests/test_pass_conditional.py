@@ -14,15 +14,20 @@ from smoothcache_fx.passes.conditional import GATED_RESIDUAL_ADD_AND_CACHE, excl
 aten = torch.ops.aten
 
 
-def test_make_conditional_computes_or_reuses_each_component_by_its_flag():
-    """Computing writes every branch into its cache; reusing reads it back, so a second call on the
-    same inputs gives the same output; reusing from empty caches does not."""
+def _captured_dit_block():
+    """A facebookresearch-DiT block captured on a real call: graph, its inputs, its branches."""
     torch.manual_seed(0)
     block = models.DiTBlock(models.HIDDEN, models.HEADS).eval()
     captured, inputs = capture(
         block, torch.randn(2, models.TOKENS, models.HIDDEN), torch.randn(2, models.HIDDEN)
     )
-    branches = find_residual_branches(captured.graph_module.graph)
+    return captured, inputs, find_residual_branches(captured.graph_module.graph)
+
+
+def test_make_conditional_computes_or_reuses_each_component_by_its_flag():
+    """Computing writes every branch into its cache; reusing reads it back, so a second call on the
+    same inputs gives the same output; reusing from empty caches does not."""
+    captured, inputs, branches = _captured_dit_block()
     conditional = make_conditional(captured.graph_module, branches, ["mlp", "attn"])
     graph = conditional.graph_module.graph
     assert conditional.components == ("attn", "mlp")  # graph order, not the argument's
@@ -64,12 +69,7 @@ def test_each_branch_modulation_chunk_moves_into_its_cond():
     """As the variants narrow the adaLN modulation linear to the chunks a step reads, the single
     graph splits it by chunk, so a branch's shift and scale are computed inside its cond (skipped
     when it is reused) and only the two gates outside (the fused add reads them every step)."""
-    torch.manual_seed(0)
-    block = models.DiTBlock(models.HIDDEN, models.HEADS).eval()
-    captured, inputs = capture(
-        block, torch.randn(2, models.TOKENS, models.HIDDEN), torch.randn(2, models.HIDDEN)
-    )
-    branches = find_residual_branches(captured.graph_module.graph)
+    captured, inputs, branches = _captured_dit_block()
     conditional = make_conditional(captured.graph_module, branches, ["attn", "mlp"])
     gm = conditional.graph_module
 
