@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -140,11 +140,18 @@ class BlockState:
         caches = self._caches(block, variant)
         state = [table[name] for table, name in entry.state_owners]
         flat = run_graph(*state, *entry.captured.constants, *tensors, *caches)
-        for name in entry.branches.components:
-            on = compute.get(name, True)  # unscheduled branches always compute
-            counter = self.computed if on else self.reused
-            counter[name] = counter.get(name, 0) + 1
+        self.count(compute)
         return tree_unflatten(list(flat), entry.captured.out_spec)
+
+    def count(self, compute: dict[str, bool]) -> None:
+        """Count one call's computed and reused branches (unscheduled branches always compute)."""
+        for name in self.current.branches.components:
+            counter = self.computed if compute.get(name, True) else self.reused
+            counter[name] = counter.get(name, 0) + 1
+
+    def count_step(self, step: int) -> None:
+        """`count` for the graph form, whose conds choose inside the graph: from the schedule."""
+        self.count({name: mask[step] for name, mask in self.current.masks.items()})
 
     # What a block's forward calls under dynamo (a user's torch.compile around the model): a graph
     # break with the reason, instead of guarding on the step (which would recompile every step).
@@ -181,6 +188,8 @@ class BlockState:
         caches = [getattr(block, cache_name(index, 0)) for index in conditional.cache_indices]
         state = [table[name] for table, name in entry.state_owners]
         flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *caches)
+        if not torch.compiler.is_compiling():
+            self.count_step(runtime.step)
         return tree_unflatten(list(flat), entry.captured.out_spec)
 
     def _entry_for(self, block, signature: CallSignature, args, kwargs) -> _Capture:
@@ -282,10 +291,8 @@ class BlockState:
                 masks[component] = tuple(bool(v) for v in mask)
         return _Capture(shared, masks, dependencies, _state_owners(block, shared.captured.state_names))
 
-    def _variant(
-        self, entry: _Capture, compute: dict[str, bool], tensors
-    ) -> tuple[SpecialisedBlock, Callable]:
-        """The specialised graph for `compute` and the callable that runs it (compiled or not)."""
+    def specialised(self, entry: _Capture, compute: dict[str, bool]) -> SpecialisedBlock:
+        """The specialised graph for `compute` (component -> computes), built once per shared capture."""
         shared = entry.shared
         key = tuple(compute.items())
         variant = shared.variants.get(key)
@@ -294,9 +301,44 @@ class BlockState:
                 shared.captured.graph_module, shared.branches, compute, kernel=self.runtime.kernel
             )
             shared.variants[key] = variant
+        return variant
+
+    def binding(self, compute: dict[str, bool], slot: int) -> BlockBinding:
+        """What a whole-model graph needs to inline this block's variant for `compute` at call
+        `slot` (see `smoothcache_fx.model_variants`)."""
+        entry = self.current
+        variant = self.specialised(entry, compute)
+        sites = entry.branches.sites
+        indices = [sites.index(site) for site in variant.cache_sites]
+        return BlockBinding(
+            state=self,
+            graph_module=variant.graph_module,
+            state_owners=entry.state_owners,
+            constants=tuple(entry.captured.constants),
+            out_spec=entry.captured.out_spec,
+            cache_names=tuple(cache_name(index, slot) for index in indices),
+            reads=tuple(
+                i for i, s in zip(indices, variant.cache_sites, strict=True) if s.component in variant.reused
+            ),
+            writes=tuple(
+                i
+                for i, s in zip(indices, variant.cache_sites, strict=True)
+                if s.component in variant.computed
+            ),
+            computed=tuple(n for n in entry.branches.components if compute.get(n, True)),
+            reused=tuple(n for n in entry.branches.components if not compute.get(n, True)),
+        )
+
+    def _variant(
+        self, entry: _Capture, compute: dict[str, bool], tensors
+    ) -> tuple[SpecialisedBlock, Callable]:
+        """The specialised graph for `compute` and the callable that runs it (compiled or not)."""
+        shared = entry.shared
+        key = tuple(compute.items())
+        variant = self.specialised(entry, compute)
         shared.calls[key] = shared.calls.get(key, 0) + 1
         config = self.runtime.compile_config
-        if not config.enabled or self.runtime.tools.eager:
+        if not self.runtime.compiles_blocks or self.runtime.tools.eager:
             return variant, variant.graph_module
         run_graph = shared.compiled.get(key)
         if run_graph is None:
@@ -312,15 +354,59 @@ class BlockState:
         for site in variant.cache_sites:
             index = sites.index(site)
             if site.component in variant.reused and (slot, index) not in self.written:
-                raise RuntimeError(
-                    f"block {self.path!r}: the schedule reuses {site.component!r} at step "
-                    f"{self.runtime.step} before it was computed in this generation. Every scheduled "
-                    "branch must compute at the first step of a generation."
-                )
+                raise _reuse_before_compute(self.path, site.component, self.runtime.step)
             if site.component in variant.computed:
                 self.written.add((slot, index))
             caches.append(getattr(block, cache_name(index, slot)))
         return caches
+
+
+@dataclass(frozen=True)
+class BlockBinding:
+    """One block's specialised variant as a whole-model graph inlines it, with the bookkeeping the
+    runtime does eagerly around that graph (which caches it reads and writes, the counters)."""
+
+    state: BlockState
+    graph_module: torch.fx.GraphModule
+    state_owners: tuple[tuple[dict, str], ...]
+    constants: tuple[torch.Tensor, ...]
+    out_spec: Any
+    cache_names: tuple[str, ...]
+    reads: tuple[int, ...]  # site indices served from cache
+    writes: tuple[int, ...]  # site indices computed (their cache written)
+    computed: tuple[str, ...]
+    reused: tuple[str, ...]
+
+    def run(self, block: torch.nn.Module, args: tuple, kwargs: dict):
+        """The block's call inside the whole-model graph (traced by dynamo, never run eagerly)."""
+        leaves = tree_flatten((args, kwargs))[0]
+        tensors = [leaf.contiguous() for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        state = [table[name] for table, name in self.state_owners]
+        caches = [getattr(block, name) for name in self.cache_names]
+        flat = self.graph_module(*state, *self.constants, *tensors, *caches)
+        return tree_unflatten(list(flat), self.out_spec)
+
+    def check_reads(self, step: int, slot: int) -> None:
+        written = self.state.written
+        for index in self.reads:
+            if (slot, index) not in written:
+                site = self.state.current.branches.sites[index]
+                raise _reuse_before_compute(self.state.path, site.component, step)
+
+    def record(self, slot: int) -> None:
+        state = self.state
+        state.written.update((slot, index) for index in self.writes)
+        for name in self.computed:
+            state.computed[name] = state.computed.get(name, 0) + 1
+        for name in self.reused:
+            state.reused[name] = state.reused.get(name, 0) + 1
+
+
+def _reuse_before_compute(path: str, component: str, step: int) -> RuntimeError:
+    return RuntimeError(
+        f"block {path!r}: the schedule reuses {component!r} at step {step} before it was computed "
+        "in this generation. Every scheduled branch must compute at the first step of a generation."
+    )
 
 
 def capture_shared(

@@ -19,6 +19,7 @@ import torch
 from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState, cache_name
 from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.generation import GenerationClock, timestep_of
+from smoothcache_fx.granularity import choose_granularity, estimate_compile_cost
 from smoothcache_fx.kernels.compat import CAPTURE_GATE, tree_flatten
 from smoothcache_fx.schedules import Schedule, as_schedule
 
@@ -43,6 +44,8 @@ class ToolOptions:
     record_branches: bool = False
     eager: bool = False
 
+
+_PLAIN = ToolOptions()
 
 _CLOCK_NOT_TRACED = (
     "smoothcache_fx advances its step clock in Python outside traced code (a traced step would "
@@ -93,6 +96,14 @@ class SmoothCacheRuntime:
         # What a tool (calibrate, profile) asks of the blocks while it runs; see `using`.
         self.tools = ToolOptions()
         self._validated = False
+        # Compile granularity in force: "block", "model" or "graph"; "auto" until the first call's
+        # end, when the captured blocks give what the choice needs (`smoothcache_fx.granularity`).
+        self.granularity = self.compile_config.granularity if self.compile_config.enabled else "block"
+        self.granularity_estimate = None
+        # Set by transform where whole-model variants can run (compile=True, form="variants").
+        self.model_variants = None
+        # While a whole-model graph runs: block path -> BlockBinding of that step's mask.
+        self.model_graph_bindings = None
         self._hooks = [
             model.register_forward_pre_hook(self._before_model_call, with_kwargs=True),
             model.register_forward_hook(self._after_model_call),
@@ -161,10 +172,15 @@ class SmoothCacheRuntime:
             self.reset()
 
     def set_schedule(self, schedule: Schedule) -> None:
-        """Swap the schedule (same model); specialised variants are rebuilt lazily."""
+        """Swap the schedule (same model); specialised variants are rebuilt lazily, and an
+        automatic granularity is chosen again for the new schedule."""
         self.schedule = as_schedule(schedule)
         self.clock = GenerationClock(self.schedule.steps, self.calls_per_step)
         self.captured_graphs.clear()
+        if self.model_variants is not None:
+            self.model_variants.clear()
+        if self.compile_config.enabled:
+            self.granularity = self.compile_config.granularity
         for state in self._states():
             state.captures.clear()
             state.current = None
@@ -201,6 +217,7 @@ class SmoothCacheRuntime:
             hook.remove()
         if self.form == "graph":
             del model._buffers["smoothcache_step"]
+        if self.form == "graph" or self.model_variants is not None:
             model.__class__ = type(model).__mro__[1]
         for block in self.blocks.values():
             state = block._smoothcache_state
@@ -256,6 +273,30 @@ class SmoothCacheRuntime:
                     }
                 )
         return report
+
+    @property
+    def model_graphs(self) -> list[dict]:
+        """Whole-model variants (granularity "model"): per distinct whole-model mask, the steps
+        that use it, its calls and whether it is compiled yet."""
+        return [] if self.model_variants is None else self.model_variants.report()
+
+    @property
+    def compiles_blocks(self) -> bool:
+        """Whether block calls run compiled per-block variants: granularity "block", or profiling
+        (whose ranges sit between a block's compiled segments)."""
+        config = self.compile_config
+        return config.enabled and (self.granularity == "block" or self.tools.annotator is not None)
+
+    def runs_model_graphs(self) -> bool:
+        """Whether this model call runs a whole-model compiled graph (granularity "model" or
+        "graph"; plain inference only: calibration and profiling need the per-block path, and a
+        user's own torch.compile around the model traces the model as written)."""
+        return (
+            self.granularity in ("auto", "model", "graph")  # "auto": the first call decides there
+            and self.in_model_call
+            and self.tools == _PLAIN
+            and not torch.compiler.is_compiling()
+        )
 
     @property
     def cache_bytes(self) -> int:
@@ -330,8 +371,7 @@ class SmoothCacheRuntime:
                 "; ".join(self.recaptured),
             )
             self.recaptured = []
-        if not self._validated:
-            self._validate_branches()
+        self.validate_branches()
         self.clock.after_call()
 
     _place_call_untraced = torch.compiler.disable(_place_call, reason=_CLOCK_NOT_TRACED)
@@ -353,7 +393,11 @@ class SmoothCacheRuntime:
             stacklevel=2,
         )
 
-    def _validate_branches(self) -> None:
+    def validate_branches(self) -> None:
+        """Once, after the first call has captured the blocks: branches were found, the schedule's
+        keys match them, the variant count is within bounds, and "auto" granularity is decided."""
+        if self._validated:
+            return
         self._validated = True
         paths = [path for _, state in self._items() for path in state.branch_paths()]
         if not paths:
@@ -367,6 +411,8 @@ class SmoothCacheRuntime:
                 "module. Pass the transformer blocks explicitly with transform(..., blocks=[...])."
             )
         self._check_variant_count()
+        if self.granularity == "auto":
+            self._choose_granularity()
         unmatched = self.schedule.unmatched_keys(paths)
         if unmatched:
             self.reset()
@@ -390,8 +436,13 @@ class SmoothCacheRuntime:
 
     def _check_variant_count(self) -> None:
         config = self.compile_config
-        count = self.distinct_variants()
-        if config.enabled and count > config.max_variants:
+        if not config.enabled or self.granularity == "graph":
+            return
+        if self.granularity == "model":
+            count = estimate_compile_cost(self).model_graphs
+        else:
+            count = self.distinct_variants()
+        if count > config.max_variants:
             self.reset()
             raise ValueError(
                 f"this schedule needs {count} compiled variants for {self.model_class}, more than "
@@ -399,6 +450,31 @@ class SmoothCacheRuntime:
                 "use a per-component schedule (a few variants per block structure), or transform "
                 "with compile=False to run the specialised graphs eagerly."
             )
+
+    def _choose_granularity(self) -> None:
+        estimate = estimate_compile_cost(self)
+        self.granularity_estimate = estimate
+        self.granularity = choose_granularity(
+            estimate,
+            self.compile_config.compile_budget,
+            self.compile_config.max_variants,
+            model_graphs_possible=self.model_variants is not None,
+        )
+        LOGGER.info(
+            "smoothcache_fx: %s: compile granularity %r (%s)", self.model_class, self.granularity, estimate
+        )
+
+    def block_states(self) -> list[BlockState]:
+        """Every transformed block's state, in model order."""
+        return self._states()
+
+    def captured_states(self) -> list[BlockState] | None:
+        """Every block's state when all of them are captured for the current call, else None (a
+        block that cannot be captured keeps the per-block path, which runs it as written)."""
+        states = self._states()
+        if any(state.current is None or state.uncapturable is not None for state in states):
+            return None
+        return states
 
     def _items(self):
         return [(path, block._smoothcache_state) for path, block in self.blocks.items()]

@@ -9,6 +9,8 @@ import torch
 
 from smoothcache_fx.block import BlockState
 from smoothcache_fx.compile import DEFAULT_MAX_VARIANTS, CompileConfig
+from smoothcache_fx.granularity import DEFAULT_COMPILE_BUDGET
+from smoothcache_fx.model_variants import ModelVariants
 from smoothcache_fx.passes.specialise import KERNELS
 from smoothcache_fx.runtime import SmoothCacheRuntime
 from smoothcache_fx.schedules import Schedule, as_schedule
@@ -31,6 +33,8 @@ def transform(
     options: dict | None = None,
     dynamic: bool | None = False,
     max_variants: int = DEFAULT_MAX_VARIANTS,
+    granularity: str = "auto",
+    compile_budget: float = DEFAULT_COMPILE_BUDGET,
     form: str = "variants",
     calls_per_step: int = 1,
     strict: bool = False,
@@ -51,12 +55,19 @@ def transform(
             element of every `nn.ModuleList` that has child modules.
         kernel: "op" emits the fused `smoothcache_fx::gated_residual_add`; "inductor" emits plain
             torch ops for inductor to fuse.
-        compile: compile every distinct variant once with `torch.compile(fullgraph=True)`;
-            blocks of one structure share each compiled artifact, and the step is chosen in Python
-            outside compiled code (no recompiles across steps).
+        compile: compile every distinct variant once with `torch.compile(fullgraph=True)`; the
+            step is chosen in Python outside compiled code (no recompiles across steps).
         backend, mode, options, dynamic: passed to torch.compile. mode="reduce-overhead" (CUDA
             graphs) needs CUDA; on CPU it warns and compiles with the default mode.
         max_variants: with compile=True, refuse schedules needing more compiled variants than this.
+        granularity: with compile=True, what one compiled graph covers. "block": a block, per
+            distinct block mask (blocks of one structure share it). "model": the whole model, per
+            distinct whole-model mask (one graph per step; one CUDA graph per step with
+            mode="reduce-overhead"). "graph": the single `torch.cond` graph for every step
+            (form="graph"). "auto" (default): "model" when its estimated compile cost is within
+            `compile_budget` times plain torch.compile's, else "block"; decided at the end of the
+            first call and logged (`model.smoothcache.granularity`).
+        compile_budget: the compile-cost multiple "auto" allows whole-model variants.
         form: "variants" (default) picks a specialised graph per step in Python; "graph" keeps one
             graph for every step (the step is a buffer advanced inside forward, the schedule a bool
             buffer, each component a `torch.cond`), for torch.export / AOTInductor and for
@@ -99,9 +110,17 @@ def transform(
         )
     if form == "graph" and compile:
         raise ValueError(
-            "form='graph' is compiled as one whole-model graph: call torch.compile(model, "
-            "fullgraph=True) on the transformed model instead of passing compile=True."
+            "form='graph' is compiled as one whole-model graph: pass compile=True with "
+            "granularity='graph' (and the default form), or call torch.compile(model, "
+            "fullgraph=True) on the transformed model yourself."
         )
+    if compile and granularity == "graph":
+        if calls_per_step != 1:
+            raise ValueError(
+                "granularity='graph' advances its step inside the graph once per model call; "
+                "calls_per_step > 1 needs granularity='block' or 'model'."
+            )
+        form = "graph"
     schedule = as_schedule(schedule)
     compile_config = CompileConfig(
         enabled=bool(compile),
@@ -110,6 +129,8 @@ def transform(
         options=options or {},
         dynamic=dynamic,
         max_variants=max_variants,
+        granularity=granularity,
+        compile_budget=compile_budget,
     )
     if _is_pipeline(model):
         _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict)
@@ -162,9 +183,15 @@ def _install(
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
         block.__class__ = _block_class(original, form)
+    original = type(model)
     if form == "graph":
         model.register_buffer("smoothcache_step", torch.zeros(1, dtype=torch.long), persistent=False)
-        model.__class__ = _stepping_model_class(type(model))
+        model.__class__ = _stepping_model_class(original)
+        if compile_config.enabled:
+            runtime.model_variants = ModelVariants(runtime, _graph_step(original))
+    elif compile_config.enabled and compile_config.granularity in ("auto", "model"):
+        model.__class__ = _model_variants_class(original)
+        runtime.model_variants = ModelVariants(runtime, original.forward)
     model.smoothcache = runtime
 
 
@@ -248,6 +275,9 @@ def _block_class(original: type, form: str) -> type:
             def forward(self, *args, **kwargs):
                 state = self._smoothcache_state
                 if torch.compiler.is_dynamo_compiling():
+                    bindings = state.runtime.model_graph_bindings
+                    if bindings is not None:  # inside a whole-model variant (model_variants.py)
+                        return bindings[state.path].run(self, args, kwargs)
                     return state.run_untraced(self, args, kwargs)
                 return state.run(self, args, kwargs)
 
@@ -257,20 +287,52 @@ def _block_class(original: type, form: str) -> type:
     return cls
 
 
+def _graph_step(original: type):
+    """Graph form: the model's forward, then the step buffer advanced inside the same graph."""
+
+    def step(self, *args, **kwargs):
+        output = original.forward(self, *args, **kwargs)
+        step = self.smoothcache_step
+        step.copy_(torch.remainder(step + 1, self.smoothcache.schedule.steps))
+        return output
+
+    return step
+
+
 def _stepping_model_class(original: type) -> type:
-    """Graph form: a subclass of the model whose forward advances the step buffer in the graph."""
-    cls = _MODEL_CLASSES.get(original)
+    """Graph form: a subclass of the model whose forward advances the step buffer in the graph
+    (and, with compile=True, runs the compiled graph once the blocks are captured)."""
+    cls = _MODEL_CLASSES.get(("graph", original))
     if cls is None:
+        step = _graph_step(original)
 
         def forward(self, *args, **kwargs):
-            output = original.forward(self, *args, **kwargs)
-            step = self.smoothcache_step
-            step.copy_(torch.remainder(step + 1, self.smoothcache.schedule.steps))
-            return output
+            runtime = self.smoothcache
+            if runtime.model_variants is not None and runtime.runs_model_graphs():
+                return runtime.model_variants.run(self, args, kwargs)
+            return step(self, *args, **kwargs)
 
         cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
-        _MODEL_CLASSES[original] = cls
+        _MODEL_CLASSES[("graph", original)] = cls
+    return cls
+
+
+def _model_variants_class(original: type) -> type:
+    """compile=True: a subclass of the model whose forward runs the whole-model variant of the
+    step when the granularity is "model", and the model's own forward otherwise."""
+    cls = _MODEL_CLASSES.get(("model", original))
+    if cls is None:
+
+        def forward(self, *args, **kwargs):
+            runtime = self.smoothcache
+            if runtime.runs_model_graphs():
+                return runtime.model_variants.run(self, args, kwargs)
+            return original.forward(self, *args, **kwargs)
+
+        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+        cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
+        _MODEL_CLASSES[("model", original)] = cls
     return cls
 
 
