@@ -10,15 +10,19 @@
 
 The automatic rule ("auto", the default) compares estimated compile costs once the blocks are
 captured (the first call): whole-model variants when their cost is within `compile_budget` times
-that of plain `torch.compile` of the model, per-block variants otherwise. A compile's cost is
-estimated as a fixed part per compiled graph plus its operator count, in operator units: inductor's
-work grows with the nodes it lowers, and every graph also pays dynamo's set-up, code generation and
-a C++ / Triton build. `FIXED_GRAPH_COST` is fitted to compile times measured on the demo model and
-DiT-S (BENCHMARKS.md, "Compile granularity").
-
-FORA-2 (two whole-model masks: all computed, all reused) costs about 1.3x plain, since a reuse
-mask's graph keeps only the norms and modulation; a per-component SmoothCache schedule with three or
-four distinct masks costs 2-3x plain and stays per-block, whose compiles are one block each.
+that of plain `torch.compile` of the model, per-block variants otherwise. Costs are in operator
+units (one FX `call_function` node lowered by inductor):
+- every compiled graph pays a fixed part, `FIXED_GRAPH_COST` (dynamo and AOT set-up, code
+  generation, and above all the C++ or Triton build of the generated code);
+- plus its operators;
+- plain torch.compile also pays dynamo's symbolic run of the model's own Python for every operator
+  (`PYTHON_TRACE_COST` per operator: attention processors, norms, embeddings), which our variants
+  skip: dynamo inlines their already-captured FX graphs.
+Both constants are fitted to compile times of the demo model measured with a fresh inductor cache
+(BENCHMARKS.md, "Compile granularity"). There, FORA-2 and Roblox's alpha=0.18 schedule (two
+whole-model masks: all computed, all reused; a reuse mask's graph keeps only the norms and the
+modulation) compile whole-model in about 1.1x plain's time; three masks come near the 1.5x budget
+and four or more stay per-block, whose compiles are one small block graph each.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ if TYPE_CHECKING:
 
 GRANULARITIES = ("auto", "block", "model", "graph")
 DEFAULT_COMPILE_BUDGET = 1.5
-# Operator-equivalents of the fixed work every compiled graph costs (see the module docstring).
-FIXED_GRAPH_COST = 60
+# Operator-equivalents of the fixed work every compiled graph costs, and of dynamo tracing the
+# model's Python per operator in plain torch.compile (see the module docstring).
+FIXED_GRAPH_COST = 200
+PYTHON_TRACE_COST = 1.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class CompileEstimate:
     """Estimated compile costs, in operator units, of each granularity for one schedule.
 
     Attributes:
-        plain: plain torch.compile of the model (its blocks' operators, one graph).
+        plain: plain torch.compile of the model (its blocks' operators and Python, one graph).
         block: per-block variants (one graph per distinct block-level mask per structure).
         model: whole-model variants (one whole-model graph per distinct whole-model mask).
         block_graphs / model_graphs: how many graphs each compiles.
@@ -64,7 +70,8 @@ def estimate_compile_cost(runtime: SmoothCacheRuntime) -> CompileEstimate:
     """Compile-cost estimate from the captured blocks and the schedule's distinct masks (builds
     the specialised graphs it counts; they are needed by either granularity)."""
     states = runtime.captured_states() or []
-    plain = FIXED_GRAPH_COST + sum(_operators(state.current.captured.graph_module) for state in states)
+    operators = sum(_operators(state.current.captured.graph_module) for state in states)
+    plain = FIXED_GRAPH_COST + (1 + PYTHON_TRACE_COST) * operators
     steps = runtime.schedule.steps
     block_keys: dict[tuple[int, tuple], int] = {}
     model_keys: dict[tuple, int] = {}

@@ -83,10 +83,10 @@ def test_auto_chooses_whole_model_variants_within_the_compile_budget(caplog):
     assert "compile granularity 'model'" in caplog.text
     estimate = generous.smoothcache.granularity_estimate
     assert (estimate.model_graphs, estimate.block_graphs) == (3, 3)
-    assert estimate.plain < estimate.model  # three whole-model graphs cost more than one
+    assert estimate.plain < estimate.model  # three whole-model graphs cost more than one plain
 
     tight = smoothcache_fx.transform(
-        copy.deepcopy(original), _schedule(), compile=True, backend="aot_eager", compile_budget=1.0
+        copy.deepcopy(original), _schedule(), compile=True, backend="aot_eager", compile_budget=0.5
     )
     run_steps(tight, tiny_call, STEPS)
     assert tight.smoothcache.granularity == "block"
@@ -103,7 +103,9 @@ def test_compile_cost_estimate_counts_what_each_granularity_compiles():
         run_steps(model, tiny_call, 1)
     two, one, three = (estimate_compile_cost(m.smoothcache) for m in (fora2, all_compute, every))
     assert (two.model_graphs, one.model_graphs, three.model_graphs) == (2, 1, 3)
-    assert one.plain < two.model < 2 * one.model < three.model
+    # one whole-model graph of inlined FX graphs costs less than tracing the model's own Python
+    assert one.model < one.plain
+    assert one.model < two.model < 2 * one.model < three.model
     assert two.block_graphs == 2 and two.block < two.model
 
 
