@@ -138,3 +138,20 @@ def test_a_change_that_makes_a_block_uncapturable_runs_it_uncached():
     reference = smoothcache_fx.transform(copy.deepcopy(original), SCHEDULE, blocks=["blocks.0"])
     for want, have in zip(run_steps(reference, tiny_call, STEPS), got, strict=True):
         assert torch.equal(want, have)
+
+
+def test_compile_with_an_uncapturable_block_falls_back_to_per_block_variants():
+    """Whole-model variants need every block captured: with one that is not, compile=True runs
+    per-block variants for the others (the uncapturable block as written, inside no graph)."""
+    original = _mixed()
+    model = smoothcache_fx.transform(
+        copy.deepcopy(original), SCHEDULE, compile=True, granularity="model", backend="aot_eager"
+    )
+    reference = smoothcache_fx.transform(copy.deepcopy(original), SCHEDULE, blocks=["blocks.0", "blocks.2"])
+    with pytest.warns(UserWarning, match="cannot be captured"):
+        got = run_steps(model, tiny_call, STEPS)
+    assert model.smoothcache.granularity == "block"
+    for _ in range(2):
+        for want, have in zip(run_steps(reference, tiny_call, STEPS), got, strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+        got = run_steps(model, tiny_call, STEPS)
