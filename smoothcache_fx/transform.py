@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterable, Mapping
 
@@ -11,6 +12,7 @@ from smoothcache_fx.block import BlockState
 from smoothcache_fx.compile import DEFAULT_MAX_VARIANTS, CompileConfig
 from smoothcache_fx.passes.specialise import KERNELS
 from smoothcache_fx.runtime import SmoothCacheRuntime
+from smoothcache_fx.saved_schedule import load_saved, save_beside_config
 from smoothcache_fx.schedules import Schedule, as_schedule
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -21,7 +23,7 @@ FORMS = ("variants", "graph")
 
 def transform(
     model,
-    schedule,
+    schedule=None,
     *,
     blocks=None,
     kernel: str = "op",
@@ -34,6 +36,7 @@ def transform(
     form: str = "variants",
     calls_per_step: int = 1,
     strict: bool = False,
+    resample: bool = False,
 ):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
@@ -47,6 +50,10 @@ def transform(
         model: a DiT-style `torch.nn.Module`, or a diffusers pipeline with a `transformer`; a
             pipeline's `__call__` then resets the clock and checks the step count per generation.
         schedule: a `Schedule`, a dict in the SmoothCache JSON format, or a path to a JSON file.
+            Keys whose component no block has are renamed to an alias that one has (`attn` ->
+            `attn1`, `mlp` -> `ff`; `smoothcache_fx.schedules.aliases`), with one log line. None:
+            the schedule that `save_pretrained` of a transformed model wrote beside the config of
+            the folder the model was loaded from (an error when there is none).
         blocks: which modules are transformer blocks: module paths or classes. By default every
             element of every `nn.ModuleList` that has child modules.
         kernel: "op" emits the fused `smoothcache_fx::gated_residual_add`; "inductor" emits plain
@@ -68,6 +75,9 @@ def transform(
             form only.
         strict: a block that torch.export cannot capture (data-dependent routing, `.numpy()`)
             raises instead of running uncached with a warning.
+        resample: pipelines only. A call with another `num_inference_steps` than the schedule's
+            runs `schedule.resample(num_inference_steps)` (logged once per new step count; the
+            blocks are specialised again) instead of being refused.
 
     Returns:
         The same object, transformed.
@@ -102,6 +112,14 @@ def transform(
             "form='graph' is compiled as one whole-model graph: call torch.compile(model, "
             "fullgraph=True) on the transformed model instead of passing compile=True."
         )
+    if resample and not _is_pipeline(model):
+        raise ValueError(
+            "resample=True needs a diffusers pipeline: only a pipeline call says its step count "
+            "before the model runs. Transform the pipeline, or resample yourself: "
+            "model.smoothcache.set_schedule(schedule.resample(steps))."
+        )
+    if schedule is None:
+        schedule = load_saved(model.transformer if _is_pipeline(model) else model)
     schedule = as_schedule(schedule)
     compile_config = CompileConfig(
         enabled=bool(compile),
@@ -113,6 +131,7 @@ def transform(
     )
     if _is_pipeline(model):
         _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict)
+        model.transformer.smoothcache.resample = bool(resample)
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -164,7 +183,9 @@ def _install(
         block.__class__ = _block_class(original, form)
     if form == "graph":
         model.register_buffer("smoothcache_step", torch.zeros(1, dtype=torch.long), persistent=False)
-        model.__class__ = _stepping_model_class(type(model))
+    model_class = _model_class(type(model), form)
+    if model_class is not None:
+        model.__class__ = model_class
     model.smoothcache = runtime
 
 
@@ -251,27 +272,71 @@ def _block_class(original: type, form: str) -> type:
                     return state.run_untraced(self, args, kwargs)
                 return state.run(self, args, kwargs)
 
-        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+        namespace = {"forward": forward, "__module__": original.__module__, **_NOT_PICKLED}
+        cls = type(original.__name__, (original,), namespace)
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
         _BLOCK_CLASSES[(original, form)] = cls
     return cls
 
 
-def _stepping_model_class(original: type) -> type:
-    """Graph form: a subclass of the model whose forward advances the step buffer in the graph."""
-    cls = _MODEL_CLASSES.get(original)
+def _model_class(original: type, form: str) -> type | None:
+    """A subclass of the model's class, where the model needs one (None otherwise): in graph form
+    its forward advances the step buffer in the graph; a diffusers model's `save_pretrained` also
+    writes the schedule beside its config. Pickling it is refused with what to do instead."""
+    saves = callable(getattr(original, "save_pretrained", None))
+    if form != "graph" and not saves:
+        return None
+    cls = _MODEL_CLASSES.get((original, form))
     if cls is None:
+        namespace = {"__module__": original.__module__, **_NOT_PICKLED}
+        if form == "graph":
 
-        def forward(self, *args, **kwargs):
-            output = original.forward(self, *args, **kwargs)
-            step = self.smoothcache_step
-            step.copy_(torch.remainder(step + 1, self.smoothcache.schedule.steps))
-            return output
+            def forward(self, *args, **kwargs):
+                output = original.forward(self, *args, **kwargs)
+                step = self.smoothcache_step
+                step.copy_(torch.remainder(step + 1, self.smoothcache.schedule.steps))
+                return output
 
-        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+            namespace["forward"] = forward
+        if saves:
+
+            def save_pretrained(self, save_directory, *args, **kwargs):
+                result = original.save_pretrained(self, save_directory, *args, **kwargs)
+                if kwargs.get("is_main_process", True):
+                    save_beside_config(self.smoothcache.given_schedule, save_directory)
+                return result
+
+            namespace["save_pretrained"] = save_pretrained
+        cls = type(original.__name__, (original,), namespace)
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
-        _MODEL_CLASSES[original] = cls
+        _MODEL_CLASSES[(original, form)] = cls
     return cls
+
+
+def _refuse_pickling(self, protocol):
+    raise TypeError(
+        f"a model transformed by smoothcache_fx cannot be pickled (torch.save(model) of the whole "
+        f"{type(self).__name__}): its classes and compiled variants are made at run time. Save "
+        "model.state_dict() instead (it loads into the untransformed model unchanged), or "
+        "model.save_pretrained(folder), which also writes the schedule so that "
+        "transform(Model.from_pretrained(folder)) finds it; or smoothcache_fx.untransform(model) first."
+    )
+
+
+def _deepcopy(self, memo):
+    """copy.deepcopy as for any module (pickling is refused, and deepcopy would otherwise go
+    through `__reduce_ex__`): a new object of the same class with a deep copy of the state."""
+    clone = type(self).__new__(type(self))
+    memo[id(self)] = clone
+    state = copy.deepcopy(self.__dict__, memo)
+    if hasattr(clone, "__setstate__"):  # torch.nn.Module's fills in attributes older state lacks
+        clone.__setstate__(state)
+    else:
+        clone.__dict__.update(state)
+    return clone
+
+
+_NOT_PICKLED = {"__reduce_ex__": _refuse_pickling, "__deepcopy__": _deepcopy}
 
 
 # -- pipelines ------------------------------------------------------------------------------------
@@ -325,7 +390,8 @@ def _pipeline_class(original: type) -> type:
                 )
             return output
 
-        cls = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__})
+        namespace = {"__call__": __call__, "__module__": original.__module__, **_NOT_PICKLED}
+        cls = type(original.__name__, (original,), namespace)
         _PIPELINE_CLASSES[original] = cls
     return cls
 
@@ -352,10 +418,13 @@ def _check_pipeline_steps(pipe, call, args: tuple, kwargs: dict, runtime) -> Non
     if any(arguments.get(name) not in (None, 1.0) for name in _STEP_CHANGING_ARGUMENTS):
         return
     steps = arguments.get("num_inference_steps")
-    if isinstance(steps, int) and steps != runtime.schedule.steps:
+    if isinstance(steps, int) and steps != runtime.schedule.steps and runtime.resample and steps >= 1:
+        runtime.run_resampled(steps)
+    elif isinstance(steps, int) and steps != runtime.schedule.steps:
         raise ValueError(
             f"pipe(...) was called with num_inference_steps={steps}, but the schedule has "
             f"{runtime.schedule.steps} steps; a schedule has one entry per step. Pass "
             f"num_inference_steps={runtime.schedule.steps}, or transform with a schedule for {steps} "
-            f"steps (Schedule.from_errors(errors, alpha, steps={steps}) derives one from calibration)."
+            f"steps (Schedule.from_errors(errors, alpha, steps={steps}) derives one from calibration, "
+            "and transform(pipe, schedule, resample=True) resamples the schedule for each step count)."
         )
