@@ -154,7 +154,7 @@ class Schedule:
     @property
     def components(self) -> tuple[str, ...]:
         """The components the keys name, sorted: `attn` for `attn`, `attn-3` and `blocks.3.attn`."""
-        return tuple(sorted({_component_of(key) for key in self.masks}))
+        return tuple(sorted({component_of(key) for key in self.masks}))
 
     def computes(self, branch_path: str, step: int) -> bool:
         """Whether the branch at ``branch_path`` computes at ``step`` (True when no key applies)."""
@@ -203,7 +203,7 @@ class Schedule:
         for key, mask in self.masks.items():
             new = _renamed_key(key, components)
             if new != key:
-                used.add(_component_of(key))
+                used.add(component_of(key))
             if new in renamed:
                 raise ValueError(
                     f"renaming gives two schedule keys the name {new!r}; got keys {list(self.masks)} and "
@@ -457,14 +457,14 @@ class Schedule:
 # ---------------------------------------------------------------------- helpers
 
 
-def _component_of(key: str) -> str:
+def component_of(key: str) -> str:
     """The component a key names: `attn` in `attn`, `attn-3` and `blocks.3.attn`."""
     last = key.rsplit(".", 1)[-1]
     return last if "." in key else key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
 
 
 def _renamed_key(key: str, components: Mapping[str, str]) -> str:
-    component = _component_of(key)
+    component = component_of(key)
     if component not in components:
         return key
     if "." in key:
