@@ -140,3 +140,25 @@ def test_show_with_errors_gives_the_ideal_speedup(tmp_path):
     assert f"ideal speedup {400 / (4 * 10 + 3 * 30 + 2 * 60):.2f}x" in done.stdout
     done = _cli("show", str(tmp_path / "missing.json"))
     assert done.returncode == 2 and "neither" in done.stderr and "roblox-dit-xl2-256-50-fora" in done.stderr
+
+
+def test_calibrate_a_text_pipeline_with_a_prompt(tmp_path):
+    folder = tmp_path / "pixart"
+    models.pixart_text_pipeline().save_pretrained(folder)
+    done = _cli(
+        "calibrate",
+        str(folder),
+        "--steps",
+        str(STEPS),
+        "--prompt",
+        "a photo of a red cat",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert done.returncode == 0, done.stderr
+    errors = CalibrationErrors.load(tmp_path / "out" / "calibration_errors.json")
+    assert errors.model_class == "PixArtTransformer2DModel" and errors.steps == STEPS
+    assert errors.metadata["solver"] == "DPMSolverMultistepScheduler"
+    assert Schedule.load(tmp_path / "out" / "schedule.json").keys == ("attn1", "attn2", "ff")
+    done = _cli("calibrate", str(folder), "--steps", "2", "--class-labels", "1", "--out", str(tmp_path))
+    assert done.returncode == 2 and "PixArtAlphaPipeline takes no class labels; pass --prompt" in done.stderr
