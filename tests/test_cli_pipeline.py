@@ -162,3 +162,11 @@ def test_calibrate_a_text_pipeline_with_a_prompt(tmp_path):
     assert Schedule.load(tmp_path / "out" / "schedule.json").keys == ("attn1", "attn2", "ff")
     done = _cli("calibrate", str(folder), "--steps", "2", "--class-labels", "1", "--out", str(tmp_path))
     assert done.returncode == 2 and "PixArtAlphaPipeline takes no class labels; pass --prompt" in done.stderr
+
+
+def test_heatmap_rows_put_block_numbers_in_numeric_order():
+    from smoothcache_fx.plots import schedule_rows
+
+    rows = schedule_rows(Schedule.builtin("roblox-dit-xl2-256-50-l2c"))
+    assert list(rows)[:3] == ["attn1-0", "attn1-1", "attn1-2"] and list(rows)[27:29] == ["attn1-27", "ff-0"]
+    assert rows["ff-3"] == list(Schedule.builtin("roblox-dit-xl2-256-50-l2c").masks["ff-3"])
