@@ -75,6 +75,7 @@ class SmoothCacheRuntime:
         form: str = "variants",
         calls_per_step: int = 1,
         strict: bool = False,
+        resample: bool = False,
     ):
         self.model = model
         # strict: a block that torch.export cannot capture is an error instead of running uncached.
@@ -89,7 +90,7 @@ class SmoothCacheRuntime:
         self.blocks: dict[str, torch.nn.Module] = blocks
         self.schedule = self.given_schedule = self._with_aliases(schedule)
         self.clock = GenerationClock(self.schedule.steps, calls_per_step)
-        self.resample = False
+        self.resample = resample
         self.kernel = kernel
         self.compile_config = compile_config or CompileConfig()
         # Blocks of identical structure share one captured graph (parameters are graph inputs).

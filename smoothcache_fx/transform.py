@@ -77,7 +77,9 @@ def transform(
             raises instead of running uncached with a warning.
         resample: pipelines only. A call with another `num_inference_steps` than the schedule's
             runs `schedule.resample(num_inference_steps)` (logged once per new step count; the
-            blocks are specialised again) instead of being refused.
+            blocks are specialised again) instead of being refused. Only where the step count is
+            known before the call: a first-order scheduler and no `timesteps=`, `sigmas=` or
+            `strength=` (otherwise the call is checked as it runs, as without resample).
 
     Returns:
         The same object, transformed.
@@ -130,8 +132,9 @@ def transform(
         max_variants=max_variants,
     )
     if _is_pipeline(model):
-        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict)
-        model.transformer.smoothcache.resample = bool(resample)
+        _transform_pipeline(
+            model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict, bool(resample)
+        )
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -175,8 +178,11 @@ def _install(
     form: str,
     calls_per_step: int = 1,
     strict: bool = False,
+    resample: bool = False,
 ) -> None:
-    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form, calls_per_step, strict)
+    runtime = SmoothCacheRuntime(
+        model, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample
+    )
     for path, block in found.items():
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
@@ -355,6 +361,7 @@ def _transform_pipeline(
     form: str,
     calls_per_step: int = 1,
     strict: bool = False,
+    resample: bool = False,
 ) -> None:
     if "smoothcache" in pipe.transformer.__dict__:
         raise RuntimeError(
@@ -362,7 +369,9 @@ def _transform_pipeline(
             "schedule call pipe.transformer.smoothcache.set_schedule(schedule)."
         )
     found = find_blocks(pipe.transformer, blocks)
-    _install(pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict)
+    _install(
+        pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample
+    )
     pipe.__class__ = _pipeline_class(type(pipe))
 
 
