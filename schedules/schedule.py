@@ -606,12 +606,15 @@ def _validate_components(components: Any) -> list[str]:
 
 def as_schedule(schedule: Any) -> Schedule:
     """What `transform` and `set_schedule` accept as a schedule, as a `Schedule`: one itself, a
-    dict in the SmoothCache JSON format, or a path to such a JSON file."""
+    dict in the SmoothCache JSON format, a path to such a JSON file, or the name of a built-in
+    schedule (`Schedule.builtin_names()`; a file of that name, if there is one, wins)."""
     if isinstance(schedule, Schedule):
         return schedule
+    if isinstance(schedule, str) and schedule in builtin_names() and not Path(schedule).exists():
+        return Schedule.builtin(schedule)
     if isinstance(schedule, (Mapping, str, os.PathLike)):
         return Schedule.load(schedule)
     raise TypeError(
-        f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, or a path "
-        f"to a JSON file; got {type(schedule).__name__}."
+        f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, a path "
+        f"to a JSON file or a built-in schedule's name; got {type(schedule).__name__}."
     )

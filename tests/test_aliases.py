@@ -111,7 +111,8 @@ def test_builtins_are_the_roblox_files_renamed(name):
 def test_a_builtin_runs_on_a_diffusers_dit_pipeline():
     original = models.dit_pipeline()
     schedule = Schedule.builtin("roblox-dit-xl2-256-30-alpha-0.35")
-    pipe = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+    pipe = smoothcache_fx.transform(copy.deepcopy(original), "roblox-dit-xl2-256-30-alpha-0.35")  # by name
+    assert pipe.transformer.smoothcache.schedule == schedule
     images = pipeline_images(pipe, 30)
     stats = pipe.transformer.smoothcache.stats["transformer_blocks.0.attn1"]
     assert stats == {
@@ -120,3 +121,12 @@ def test_a_builtin_runs_on_a_diffusers_dit_pipeline():
         "cache_bytes": stats["cache_bytes"],
     }
     assert abs(images - pipeline_images(original, 30)).max() > 1e-4
+
+
+def test_a_file_named_like_a_builtin_wins_over_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Schedule.uniform(4, 2, ["attn1"]).save(tmp_path / "roblox-dit-xl2-256-50-fora")
+    model = smoothcache_fx.transform(models.diffusers_dit(), "roblox-dit-xl2-256-50-fora")
+    assert model.smoothcache.schedule.steps == 4
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        smoothcache_fx.transform(models.diffusers_dit(), "roblox-dit-xl2-256-51-fora")

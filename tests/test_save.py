@@ -118,3 +118,10 @@ def test_deepcopy_of_a_transformed_diffusers_model_still_works():
     assert type(clone) is type(model) and clone.smoothcache is not model.smoothcache
     got = run_steps(clone, dit_call, STEPS)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_deepcopy_of_a_transformed_pipeline_still_works():
+    pipe = smoothcache_fx.transform(models.dit_pipeline(), SCHEDULE)
+    clone = copy.deepcopy(pipe)
+    assert type(clone) is type(pipe) and clone.transformer.smoothcache is not pipe.transformer.smoothcache
+    np.testing.assert_array_equal(pipeline_images(clone, STEPS), pipeline_images(pipe, STEPS))
