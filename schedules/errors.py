@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .json_file import read_json_object
+from .normalised_time import interpolate
+from .normalised_time import positions as normalised_positions
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -424,7 +426,6 @@ def _resampled_curves(
 ) -> list[list[float]]:
     """One branch's e_1..e_lookahead moved from `source_steps` to `steps` (see `resampled`)."""
     lookahead = len(curves)
-    source_positions = _positions(source_steps)
 
     def at(lag: int, positions: np.ndarray) -> np.ndarray:
         if lag == 0:
@@ -432,11 +433,11 @@ def _resampled_curves(
         curve = curves[lag - 1]
         if not curve:  # the lag did not fit in the calibrated generation: nothing measured
             return np.full(len(positions), math.inf)
-        return np.interp(positions, source_positions[: len(curve)], curve)
+        return interpolate(curve, source_steps, positions)
 
     resampled = []
     for k in range(1, lookahead + 1):
-        positions = _positions(steps)[: max(steps - k, 0)]
+        positions = normalised_positions(steps)[: max(steps - k, 0)]
         if lags == "steps" or not len(positions):
             resampled.append(at(k, positions).tolist())
             continue
@@ -466,10 +467,6 @@ def _max_over_calls(path: str, calls: Sequence[Sequence[Sequence[float]]]) -> tu
     return tuple(
         tuple(max(values) for values in zip(*curves, strict=True)) for curves in zip(*calls, strict=True)
     )
-
-
-def _positions(steps: int) -> np.ndarray:
-    return np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

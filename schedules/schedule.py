@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .builtin import builtin_names, builtin_path
 from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_from_errors
 from .json_file import read_json_object
+from .normalised_time import interpolate, positions
 
 FORMAT_NAME = "smoothcache_fx.schedule"
 FORMAT_VERSION = 1
@@ -149,6 +151,11 @@ class Schedule:
         key = self.key_for(branch_path)
         return None if key is None else tuple(bool(v) for v in self.masks[key])
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components the keys name, sorted: `attn` for `attn`, `attn-3` and `blocks.3.attn`."""
+        return tuple(sorted({component_of(key) for key in self.masks}))
+
     def computes(self, branch_path: str, step: int) -> bool:
         """Whether the branch at ``branch_path`` computes at ``step`` (True when no key applies)."""
         if not 0 <= step < self.steps:
@@ -196,7 +203,7 @@ class Schedule:
         for key, mask in self.masks.items():
             new = _renamed_key(key, components)
             if new != key:
-                used.add(_component_of(key))
+                used.add(component_of(key))
             if new in renamed:
                 raise ValueError(
                     f"renaming gives two schedule keys the name {new!r}; got keys {list(self.masks)} and "
@@ -210,6 +217,34 @@ class Schedule:
                 f"{list(self.masks)}. Check the spelling, or leave those out of the mapping."
             )
         return dataclasses.replace(self, masks=renamed)
+
+    def resample(self, steps: int) -> Schedule:
+        """This schedule for another step count (this one is unchanged), every key kept.
+
+        Step j of the new schedule sits at the same normalised time as in `from_errors(steps=)`
+        (``u = j / (steps - 1)``, ``smoothcache_fx.schedules.normalised_time``) and takes the
+        entry of the nearest original step there: each mask is linearly interpolated and computes
+        where the result is >= 0.5 (a tie computes). Step 0 keeps computing, and so does the last
+        step when the original's last step does. Derived from a mask, not from calibration: with
+        the errors at hand, `Schedule.from_errors(errors, alpha, steps=...)` decides better.
+
+        Example::
+
+            >>> Schedule(7, {"attn1": [1, 0, 0, 1, 0, 0, 1]}).resample(4).masks["attn1"]
+            (1, 0, 0, 1)
+            >>> Schedule(5, {"attn1": [1, 0, 1, 0, 1]}).resample(9).masks["attn1"]  # ties compute
+            (1, 1, 0, 1, 1, 1, 0, 1, 1)
+        """
+        _validate_steps(steps)
+        if steps == self.steps:
+            return self
+        at = positions(steps)
+        masks = {
+            key: tuple(int(value >= 0.5) for value in interpolate(mask, self.steps, at))
+            for key, mask in self.masks.items()
+        }
+        original = self.metadata.get("resampled_from_steps", self.steps)
+        return Schedule(steps, masks, {**self.metadata, "resampled_from_steps": original})
 
     # ------------------------------------------------------------------ generators
 
@@ -352,6 +387,25 @@ class Schedule:
         return cls(data["steps"], data["masks"], data.get("metadata", {}))
 
     @classmethod
+    def builtin(cls, name: str) -> Schedule:
+        """A schedule shipped with smoothcache_fx, by name (`Schedule.builtin_names()` lists them).
+
+        The `roblox-dit-xl2-256-*` ones are Roblox's published DiT-XL/2 256x256 schedules keyed for
+        diffusers' DiT (`attn1`, `ff`); each one's metadata names its source file.
+
+        Example::
+
+            >>> Schedule.builtin("roblox-dit-xl2-256-50-alpha-0.18").steps
+            50
+        """
+        return cls.load(builtin_path(name))
+
+    @staticmethod
+    def builtin_names() -> tuple[str, ...]:
+        """The names `Schedule.builtin` accepts, sorted."""
+        return builtin_names()
+
+    @classmethod
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Schedule:
         """Load a schedule from a JSON file (either format) or an already parsed dict.
 
@@ -403,14 +457,14 @@ class Schedule:
 # ---------------------------------------------------------------------- helpers
 
 
-def _component_of(key: str) -> str:
+def component_of(key: str) -> str:
     """The component a key names: `attn` in `attn`, `attn-3` and `blocks.3.attn`."""
     last = key.rsplit(".", 1)[-1]
     return last if "." in key else key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
 
 
 def _renamed_key(key: str, components: Mapping[str, str]) -> str:
-    component = _component_of(key)
+    component = component_of(key)
     if component not in components:
         return key
     if "." in key:
@@ -552,12 +606,15 @@ def _validate_components(components: Any) -> list[str]:
 
 def as_schedule(schedule: Any) -> Schedule:
     """What `transform` and `set_schedule` accept as a schedule, as a `Schedule`: one itself, a
-    dict in the SmoothCache JSON format, or a path to such a JSON file."""
+    dict in the SmoothCache JSON format, a path to such a JSON file, or the name of a built-in
+    schedule (`Schedule.builtin_names()`; a file of that name, if there is one, wins)."""
     if isinstance(schedule, Schedule):
         return schedule
+    if isinstance(schedule, str) and schedule in builtin_names() and not Path(schedule).exists():
+        return Schedule.builtin(schedule)
     if isinstance(schedule, (Mapping, str, os.PathLike)):
         return Schedule.load(schedule)
     raise TypeError(
-        f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, or a path "
-        f"to a JSON file; got {type(schedule).__name__}."
+        f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, a path "
+        f"to a JSON file or a built-in schedule's name; got {type(schedule).__name__}."
     )

@@ -1,4 +1,5 @@
-"""`smoothcache-fx`: the command line (`demo`; `profile` of the demo model)."""
+"""`smoothcache-fx`: the command line (`demo`; `profile` of the demo model; `calibrate` a local
+diffusers pipeline folder; `show` a schedule)."""
 
 from __future__ import annotations
 
@@ -51,12 +52,55 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--trace", help="write the Chrome/Perfetto trace here")
     prof.add_argument("--json", help="write the report as JSON here")
 
+    cal = commands.add_parser(
+        "calibrate",
+        help="calibrate a local diffusers pipeline folder: errors, schedule and plots",
+        description="Calibrate the transformer of a diffusers pipeline saved with save_pretrained "
+        "(DiffusionPipeline.from_pretrained), derive a schedule, and write calibration_errors.json, "
+        "schedule.json, errors.png and schedule.png into --out.",
+    )
+    cal.add_argument("pipeline", metavar="PIPELINE_DIR", help="a folder written by pipe.save_pretrained")
+    cal.add_argument("--steps", type=_positive_int, required=True, help="num_inference_steps per generation")
+    what = cal.add_mutually_exclusive_group()
+    what.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
+    what.add_argument("--class-labels", help="comma-separated class labels (DiT), e.g. 1,2")
+    how = cal.add_mutually_exclusive_group()
+    how.add_argument("--alpha", type=float, help="SmoothCache error threshold (default 0.18)")
+    how.add_argument("--target", type=float, help="ideal speedup to reach instead of --alpha")
+    cal.add_argument("--per-block", action="store_true", help="one mask per block, not per component")
+    cal.add_argument("--lookahead", type=_positive_int, default=3, help="largest reuse lag recorded (3)")
+    cal.add_argument("--seed", type=int, default=0, help="generator seed of the calibration run (0)")
+    cal.add_argument("--out", required=True, help="output folder")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
+
+    show = commands.add_parser(
+        "show",
+        help="summarise a schedule and write its heatmap",
+        description="Print a schedule's "
+        "steps, computed/reused counts per component and ideal speedup, and write its heatmap.",
+    )
+    show.add_argument("schedule", metavar="SCHEDULE", help="a schedule JSON file or a built-in name")
+    show.add_argument("--errors", help="calibration_errors.json, for the ideal speedup")
+    show.add_argument("--plot", help="heatmap PNG to write (default: SCHEDULE's name with .png, here)")
+
     args = parser.parse_args(argv)
     # torch.export deep-copies pytree specs, which warns about torch's own deprecated LeafSpec.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     if args.command == "demo":
         return _demo(args, parser)
+    if args.command in ("calibrate", "show"):
+        return _pipeline_command(args)
     return _profile(args)
+
+
+def _pipeline_command(args) -> int:
+    from smoothcache_fx.cli_pipeline import fail, run_calibrate, run_show
+
+    try:
+        (run_calibrate if args.command == "calibrate" else run_show)(args)
+    except (ValueError, FileNotFoundError) as error:
+        return fail(args.command, error)
+    return 0
 
 
 def _demo(args, parser) -> int:

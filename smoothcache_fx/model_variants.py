@@ -66,10 +66,7 @@ class ModelVariants:
         runtime = self.runtime
         signature, tensors = call_signature(args, kwargs)
         plan = self.plans.get(signature)
-        if plan is not None and not self._still_valid(plan):
-            del self.plans[signature]
-            plan = None
-        if plan is None:
+        if plan is None or not self._still_valid(plan):
             plan = self._capture(model, args, kwargs, signature)
             if plan is None:  # per-block variants: run the call again, compiled
                 return self.forward(model, *args, **kwargs)
@@ -138,10 +135,15 @@ class ModelVariants:
         return plan
 
     def _make_plan(self, signature: CallSignature) -> _Plan | None:
+        """The plan for the blocks' current captures: the one made before for them (a call
+        signature seen before, back after another: its compiled graphs are kept), or a new one."""
         states = self.runtime.captured_states()
         if states is None:  # a block could not be captured: the per-block path serves every call
             self.runtime.granularity = "block"
             return None
+        known = self.plans.get(signature)
+        if known is not None and all(s.current is e for s, e in zip(states, known.entries, strict=True)):
+            return known
         steps = self.runtime.schedule.steps
         if self.runtime.form == "graph":
             step_keys = ((),) * steps
@@ -158,9 +160,10 @@ class ModelVariants:
         return plan
 
     def _still_valid(self, plan: _Plan) -> bool:
-        """Every block still runs the capture the plan was made for, and nothing it depends on
-        (training flag, submodules, parameters, processors, PEFT) changed; otherwise the eager
-        path captures again and a new plan follows."""
+        """Every block runs the capture the plan was made for, and nothing it depends on
+        (training flag, submodules, parameters, processors, PEFT) changed. Otherwise the call
+        runs eagerly first: it switches the blocks to their captures for this signature (their
+        caches re-allocated; refused in the middle of a generation) or captures them again."""
         states = self.runtime.block_states()
         for state, entry in zip(states, plan.entries, strict=True):
             if state.current is not entry or state.uncapturable is not None:

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,7 @@ def plot_schedule(
         The path written.
     """
     figure_class, colors = _matplotlib()
-    if branches is None:
-        rows = {key: mask for key, mask in schedule.masks.items()}
-    else:
-        rows = {}
-        for block, components in branches.items():
-            for component in components:
-                mask = schedule.mask_for(f"{block}.{component}")
-                rows[f"{block}.{component}"] = (
-                    [1] * schedule.steps if mask is None else [int(v) for v in mask]
-                )
+    rows = schedule_rows(schedule, branches)
     matrix = np.array(list(rows.values()), dtype=float).reshape(len(rows), schedule.steps)
     height = 1.2 + 0.22 * len(rows)
     width = min(max(4.0, 2.5 + 0.16 * schedule.steps), 16.0)
@@ -115,6 +107,25 @@ def plot_schedule(
             title += f", {name}={schedule.metadata[name]:.3g}"
     axis.set_title(title, fontsize=9)
     return _save(figure, path)
+
+
+def schedule_rows(
+    schedule: Schedule, branches: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, list[int]]:
+    """The heatmap's rows, top to bottom: one per key (block numbers in numeric order: `attn1-2`
+    before `attn1-10`), or with `branches` one per branch, resolved through the keys."""
+    if branches is None:
+        return {key: list(schedule.masks[key]) for key in sorted(schedule.masks, key=_numeric_order)}
+    rows = {}
+    for block, components in branches.items():
+        for component in components:
+            mask = schedule.mask_for(f"{block}.{component}")
+            rows[f"{block}.{component}"] = [1] * schedule.steps if mask is None else [int(v) for v in mask]
+    return rows
+
+
+def _numeric_order(key: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
 
 
 def _all_positive(errors: CalibrationErrors, component: str) -> bool:

@@ -22,6 +22,7 @@ from smoothcache_fx.generation import GenerationClock, timestep_of
 from smoothcache_fx.granularity import choose_granularity, estimate_compile_cost
 from smoothcache_fx.kernels.compat import CAPTURE_GATE, tree_flatten
 from smoothcache_fx.schedules import Schedule, as_schedule
+from smoothcache_fx.schedules.aliases import alias_renames
 
 LOGGER = logging.getLogger("smoothcache_fx")
 
@@ -58,7 +59,11 @@ class SmoothCacheRuntime:
     """Step clock and per-block state of one transformed model.
 
     Attributes:
-        schedule: the static schedule in force.
+        schedule: the static schedule in force (the given one, or its resampled copy).
+        given_schedule: the schedule given to `transform` or `set_schedule`, aliases applied; the
+            one `save_pretrained` writes.
+        resample: a pipeline call with another step count runs `given_schedule.resample(steps)`
+            instead of being refused (`transform(..., resample=True)`).
         clock: where the generation in progress stands (`step`, `slot`, `generation` read it).
         kernel: "op" (fused custom op) or "inductor" (plain ops) at every rewritten site.
     """
@@ -73,6 +78,7 @@ class SmoothCacheRuntime:
         form: str = "variants",
         calls_per_step: int = 1,
         strict: bool = False,
+        resample: bool = False,
     ):
         self.model = model
         # strict: a block that torch.export cannot capture is an error instead of running uncached.
@@ -82,12 +88,14 @@ class SmoothCacheRuntime:
         # Model calls per schedule step (unbatched classifier-free guidance: 2). Call `slot` of a
         # step has caches of its own, so the unconditional call never reads the conditional one's.
         self.calls_per_step = calls_per_step
-        self.clock = GenerationClock(schedule.steps, calls_per_step)
         self.model_class = type(model).__name__
-        self.schedule = schedule
+        self.original_model_class = type(model)
+        self.blocks: dict[str, torch.nn.Module] = blocks
+        self.schedule = self.given_schedule = self._with_aliases(schedule)
+        self.clock = GenerationClock(self.schedule.steps, calls_per_step)
+        self.resample = resample
         self.kernel = kernel
         self.compile_config = compile_config or CompileConfig()
-        self.blocks: dict[str, torch.nn.Module] = blocks
         # Blocks of identical structure share one captured graph (parameters are graph inputs).
         self.captured_graphs: dict[tuple, tuple] = {}
         self.in_model_call = False
@@ -173,8 +181,36 @@ class SmoothCacheRuntime:
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Swap the schedule (same model); specialised variants are rebuilt lazily, and an
-        automatic granularity is chosen again for the new schedule."""
-        self.schedule = as_schedule(schedule)
+        automatic granularity is chosen again for the new schedule. Aliases apply as in
+        `transform`."""
+        self.given_schedule = self._with_aliases(as_schedule(schedule))
+        self._use(self.given_schedule)
+
+    def run_resampled(self, steps: int) -> None:
+        """Run `steps`-step generations from now on with the given schedule resampled to `steps`
+        (`Schedule.resample`); logged when the step count changes. The blocks are specialised
+        again (and, with compile=True, their variants compiled again)."""
+        if steps == self.schedule.steps:
+            return
+        schedule = self.given_schedule.resample(steps)
+        if schedule is self.given_schedule:
+            LOGGER.info(
+                "smoothcache_fx: %s back at %d steps, the given schedule's own", self.model_class, steps
+            )
+            return self._use(schedule)
+        LOGGER.info(
+            "smoothcache_fx: %s called for %d steps; running the %d-step schedule resampled to %d steps "
+            "(compute fraction %s)",
+            self.model_class,
+            steps,
+            self.given_schedule.steps,
+            steps,
+            {key: round(value, 2) for key, value in schedule.compute_fraction.items()},
+        )
+        self._use(schedule)
+
+    def _use(self, schedule: Schedule) -> None:
+        self.schedule = schedule
         self.clock = GenerationClock(self.schedule.steps, self.calls_per_step)
         self.captured_graphs.clear()
         if self.model_variants is not None:
@@ -217,8 +253,7 @@ class SmoothCacheRuntime:
             hook.remove()
         if self.form == "graph":
             del model._buffers["smoothcache_step"]
-        if self.form == "graph" or self.model_variants is not None:
-            model.__class__ = type(model).__mro__[1]
+        model.__class__ = self.original_model_class
         for block in self.blocks.values():
             state = block._smoothcache_state
             for name in [n for n in block._buffers if n.startswith((CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER))]:
@@ -475,6 +510,24 @@ class SmoothCacheRuntime:
         if any(state.current is None or state.uncapturable is not None for state in states):
             return None
         return states
+
+    def _with_aliases(self, schedule: Schedule) -> Schedule:
+        """`schedule` with each key component that no block has as a direct child renamed to an
+        alias that one has (`smoothcache_fx.schedules.aliases`), logged. Residual branches are
+        direct children of their block, so such a key could never match; deciding here, before
+        the first call, keeps the blocks' masks fixed from step 0 on."""
+        children = {name for block in self.blocks.values() for name, _ in block.named_children()}
+        renames = alias_renames(schedule.components, children)
+        if not renames:
+            return schedule
+        LOGGER.info(
+            "smoothcache_fx: no block of %s has %s; the schedule's keys are renamed %s "
+            "(aliases in smoothcache_fx.schedules.aliases)",
+            self.model_class,
+            ", ".join(repr(name) for name in renames),
+            ", ".join(f"{old} -> {new}" for old, new in renames.items()),
+        )
+        return schedule.rename(renames)
 
     def _items(self):
         return [(path, block._smoothcache_state) for path, block in self.blocks.items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterable, Mapping
 
@@ -13,6 +14,7 @@ from smoothcache_fx.granularity import DEFAULT_COMPILE_BUDGET
 from smoothcache_fx.model_variants import ModelVariants
 from smoothcache_fx.passes.specialise import KERNELS
 from smoothcache_fx.runtime import SmoothCacheRuntime
+from smoothcache_fx.saved_schedule import load_saved, save_beside_config
 from smoothcache_fx.schedules import Schedule, as_schedule
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -23,7 +25,7 @@ FORMS = ("variants", "graph")
 
 def transform(
     model,
-    schedule,
+    schedule=None,
     *,
     blocks=None,
     kernel: str = "op",
@@ -38,6 +40,7 @@ def transform(
     form: str = "variants",
     calls_per_step: int = 1,
     strict: bool = False,
+    resample: bool = False,
 ):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
@@ -50,7 +53,11 @@ def transform(
     Args:
         model: a DiT-style `torch.nn.Module`, or a diffusers pipeline with a `transformer`; a
             pipeline's `__call__` then resets the clock and checks the step count per generation.
-        schedule: a `Schedule`, a dict in the SmoothCache JSON format, or a path to a JSON file.
+        schedule: a `Schedule`, a dict in the SmoothCache JSON format, a path to a JSON file, or
+            a built-in schedule's name (`Schedule.builtin_names()`). Keys whose component no block has are renamed to an alias that one has (`attn` ->
+            `attn1`, `mlp` -> `ff`; `smoothcache_fx.schedules.aliases`), with one log line. None:
+            the schedule that `save_pretrained` of a transformed model wrote beside the config of
+            the folder the model was loaded from (an error when there is none).
         blocks: which modules are transformer blocks: module paths or classes. By default every
             element of every `nn.ModuleList` that has child modules.
         kernel: "op" emits the fused `smoothcache_fx::gated_residual_add`; "inductor" emits plain
@@ -79,6 +86,11 @@ def transform(
             form only.
         strict: a block that torch.export cannot capture (data-dependent routing, `.numpy()`)
             raises instead of running uncached with a warning.
+        resample: pipelines only. A call with another `num_inference_steps` than the schedule's
+            runs `schedule.resample(num_inference_steps)` (logged once per new step count; the
+            blocks are specialised again) instead of being refused. Only where the step count is
+            known before the call: a first-order scheduler and no `timesteps=`, `sigmas=` or
+            `strength=` (otherwise the call is checked as it runs, as without resample).
 
     Returns:
         The same object, transformed.
@@ -121,6 +133,14 @@ def transform(
                 "calls_per_step > 1 needs granularity='block' or 'model'."
             )
         form = "graph"
+    if resample and not _is_pipeline(model):
+        raise ValueError(
+            "resample=True needs a diffusers pipeline: only a pipeline call says its step count "
+            "before the model runs. Transform the pipeline, or resample yourself: "
+            "model.smoothcache.set_schedule(schedule.resample(steps))."
+        )
+    if schedule is None:
+        schedule = load_saved(model.transformer if _is_pipeline(model) else model)
     schedule = as_schedule(schedule)
     compile_config = CompileConfig(
         enabled=bool(compile),
@@ -133,7 +153,9 @@ def transform(
         compile_budget=compile_budget,
     )
     if _is_pipeline(model):
-        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict)
+        _transform_pipeline(
+            model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict, bool(resample)
+        )
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -177,8 +199,11 @@ def _install(
     form: str,
     calls_per_step: int = 1,
     strict: bool = False,
+    resample: bool = False,
 ) -> None:
-    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form, calls_per_step, strict)
+    runtime = SmoothCacheRuntime(
+        model, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample
+    )
     for path, block in found.items():
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
@@ -186,12 +211,16 @@ def _install(
     original = type(model)
     if form == "graph":
         model.register_buffer("smoothcache_step", torch.zeros(1, dtype=torch.long), persistent=False)
-        model.__class__ = _stepping_model_class(original)
-        if compile_config.enabled:
-            runtime.model_variants = ModelVariants(runtime, _graph_step(original))
-    elif compile_config.enabled and compile_config.granularity in ("auto", "model"):
-        model.__class__ = _model_variants_class(original)
-        runtime.model_variants = ModelVariants(runtime, original.forward)
+    model_graphs = compile_config.enabled and (
+        form == "graph" or compile_config.granularity in ("auto", "model")
+    )
+    model_class = _model_class(original, form, model_graphs)
+    if model_class is not None:
+        model.__class__ = model_class
+    if model_graphs:
+        runtime.model_variants = ModelVariants(
+            runtime, _graph_step(original) if form == "graph" else original.forward
+        )
     model.smoothcache = runtime
 
 
@@ -281,7 +310,8 @@ def _block_class(original: type, form: str) -> type:
                     return state.run_untraced(self, args, kwargs)
                 return state.run(self, args, kwargs)
 
-        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+        namespace = {"forward": forward, "__module__": original.__module__, **_NOT_PICKLED}
+        cls = type(original.__name__, (original,), namespace)
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
         _BLOCK_CLASSES[(original, form)] = cls
     return cls
@@ -299,41 +329,68 @@ def _graph_step(original: type):
     return step
 
 
-def _stepping_model_class(original: type) -> type:
-    """Graph form: a subclass of the model whose forward advances the step buffer in the graph
-    (and, with compile=True, runs the compiled graph once the blocks are captured)."""
-    cls = _MODEL_CLASSES.get(("graph", original))
+def _model_class(original: type, form: str, model_graphs: bool) -> type | None:
+    """A subclass of the model's class, where the model needs one (None otherwise): in graph form
+    its forward advances the step buffer in the graph; with whole-model compiled graphs
+    (`model_variants.py`) its forward runs them once the blocks are captured; a diffusers model's
+    `save_pretrained` also writes the schedule beside its config. Pickling it is refused with what
+    to do instead."""
+    saves = callable(getattr(original, "save_pretrained", None))
+    if form != "graph" and not saves and not model_graphs:
+        return None
+    key = (original, form, model_graphs)
+    cls = _MODEL_CLASSES.get(key)
     if cls is None:
-        step = _graph_step(original)
+        namespace = {"__module__": original.__module__, **_NOT_PICKLED}
+        if form == "graph" or model_graphs:
+            own_forward = _graph_step(original) if form == "graph" else original.forward
 
-        def forward(self, *args, **kwargs):
-            runtime = self.smoothcache
-            if runtime.model_variants is not None and runtime.runs_model_graphs():
-                return runtime.model_variants.run(self, args, kwargs)
-            return step(self, *args, **kwargs)
+            def forward(self, *args, **kwargs):
+                runtime = self.smoothcache
+                if runtime.model_variants is not None and runtime.runs_model_graphs():
+                    return runtime.model_variants.run(self, args, kwargs)
+                return own_forward(self, *args, **kwargs)
 
-        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+            namespace["forward"] = forward
+        if saves:
+
+            def save_pretrained(self, save_directory, *args, **kwargs):
+                result = original.save_pretrained(self, save_directory, *args, **kwargs)
+                if kwargs.get("is_main_process", True):
+                    save_beside_config(self.smoothcache.given_schedule, save_directory)
+                return result
+
+            namespace["save_pretrained"] = save_pretrained
+        cls = type(original.__name__, (original,), namespace)
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
-        _MODEL_CLASSES[("graph", original)] = cls
+        _MODEL_CLASSES[key] = cls
     return cls
 
 
-def _model_variants_class(original: type) -> type:
-    """compile=True: a subclass of the model whose forward runs the whole-model variant of the
-    step when the granularity is "model", and the model's own forward otherwise."""
-    cls = _MODEL_CLASSES.get(("model", original))
-    if cls is None:
+def _refuse_pickling(self, protocol):
+    raise TypeError(
+        f"a model transformed by smoothcache_fx cannot be pickled (torch.save(model) of the whole "
+        f"{type(self).__name__}): its classes and compiled variants are made at run time. Save "
+        "model.state_dict() instead (it loads into the untransformed model unchanged), or "
+        "model.save_pretrained(folder), which also writes the schedule so that "
+        "transform(Model.from_pretrained(folder)) finds it; or smoothcache_fx.untransform(model) first."
+    )
 
-        def forward(self, *args, **kwargs):
-            runtime = self.smoothcache
-            if runtime.runs_model_graphs():
-                return runtime.model_variants.run(self, args, kwargs)
-            return original.forward(self, *args, **kwargs)
 
-        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
-        cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
-        _MODEL_CLASSES[("model", original)] = cls
-    return cls
+def _deepcopy(self, memo):
+    """copy.deepcopy as for any module (pickling is refused, and deepcopy would otherwise go
+    through `__reduce_ex__`): a new object of the same class with a deep copy of the state."""
+    clone = type(self).__new__(type(self))
+    memo[id(self)] = clone
+    state = copy.deepcopy(self.__dict__, memo)
+    if hasattr(clone, "__setstate__"):  # torch.nn.Module's fills in attributes older state lacks
+        clone.__setstate__(state)
+    else:
+        clone.__dict__.update(state)
+    return clone
+
+
+_NOT_PICKLED = {"__reduce_ex__": _refuse_pickling, "__deepcopy__": _deepcopy}
 
 
 # -- pipelines ------------------------------------------------------------------------------------
@@ -352,6 +409,7 @@ def _transform_pipeline(
     form: str,
     calls_per_step: int = 1,
     strict: bool = False,
+    resample: bool = False,
 ) -> None:
     if "smoothcache" in pipe.transformer.__dict__:
         raise RuntimeError(
@@ -359,7 +417,9 @@ def _transform_pipeline(
             "schedule call pipe.transformer.smoothcache.set_schedule(schedule)."
         )
     found = find_blocks(pipe.transformer, blocks)
-    _install(pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict)
+    _install(
+        pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample
+    )
     pipe.__class__ = _pipeline_class(type(pipe))
 
 
@@ -387,7 +447,8 @@ def _pipeline_class(original: type) -> type:
                 )
             return output
 
-        cls = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__})
+        namespace = {"__call__": __call__, "__module__": original.__module__, **_NOT_PICKLED}
+        cls = type(original.__name__, (original,), namespace)
         _PIPELINE_CLASSES[original] = cls
     return cls
 
@@ -414,10 +475,13 @@ def _check_pipeline_steps(pipe, call, args: tuple, kwargs: dict, runtime) -> Non
     if any(arguments.get(name) not in (None, 1.0) for name in _STEP_CHANGING_ARGUMENTS):
         return
     steps = arguments.get("num_inference_steps")
-    if isinstance(steps, int) and steps != runtime.schedule.steps:
+    if isinstance(steps, int) and steps != runtime.schedule.steps and runtime.resample and steps >= 1:
+        runtime.run_resampled(steps)
+    elif isinstance(steps, int) and steps != runtime.schedule.steps:
         raise ValueError(
             f"pipe(...) was called with num_inference_steps={steps}, but the schedule has "
             f"{runtime.schedule.steps} steps; a schedule has one entry per step. Pass "
             f"num_inference_steps={runtime.schedule.steps}, or transform with a schedule for {steps} "
-            f"steps (Schedule.from_errors(errors, alpha, steps={steps}) derives one from calibration)."
+            f"steps (Schedule.from_errors(errors, alpha, steps={steps}) derives one from calibration, "
+            "and transform(pipe, schedule, resample=True) resamples the schedule for each step count)."
         )

@@ -213,3 +213,61 @@ def dit_pipeline(num_layers: int = 2, seed: int = 0):
     pipe = DiTPipeline(transformer=diffusers_dit(num_layers, seed), vae=vae, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pixart_text_pipeline(seed: int = 0):
+    """A text-to-image PixArtAlphaPipeline small enough for the CLI tests: a word-level tokenizer
+    built here (no hub files), a one-layer T5 encoder, the tiny PixArt transformer at sample_size
+    32 (the smallest that PixArt's resolution binning accepts: 256x256 images) and a 4-level VAE
+    (vae_scale_factor 8, so 32x32 latents, 256 tokens)."""
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+    )
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "red", "blue", "cat", "dog"]
+    word_level = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    text_encoder = T5EncoderModel(config).eval()
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=32,
+        patch_size=2,
+        caption_channels=24,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8,) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=randomise_zero_init(transformer).eval(),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

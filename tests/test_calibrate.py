@@ -542,5 +542,7 @@ def test_already_transformed_model_is_refused():
 def test_unknown_component_is_refused_and_the_model_restored():
     model = _tiny_dit()
     with pytest.raises(ValueError, match="match no residual branch"):
-        smoothcache_fx.calibrate(model, lambda: _ddim_tiny(model, 3), components=["ff"], progress=False)
+        smoothcache_fx.calibrate(
+            model, lambda: _ddim_tiny(model, 3), components=["feedforward"], progress=False
+        )
     _assert_untransformed(model, model.blocks)

@@ -1,0 +1,172 @@
+"""`smoothcache-fx calibrate PIPELINE_DIR` and `smoothcache-fx show SCHEDULE`, run as the user runs
+them (a subprocess, stderr not a terminal) on a tiny DiT pipeline saved with save_pretrained."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import models
+import pytest
+
+from smoothcache_fx import CalibrationErrors, Schedule
+
+PNG = b"\x89PNG\r\n\x1a\n"
+STEPS = 6
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smoothcache_fx.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def dit_pipeline_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dit-pipeline")
+    models.dit_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_calibrate_writes_errors_schedule_and_plots(dit_pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    done = _cli(
+        "calibrate",
+        str(dit_pipeline_dir),
+        "--steps",
+        str(STEPS),
+        "--class-labels",
+        "1,2",
+        "--alpha",
+        "0.3",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    errors = CalibrationErrors.load(out / "calibration_errors.json")
+    schedule = Schedule.load(out / "schedule.json")
+    assert errors.steps == STEPS and errors.model_class == "DiTTransformer2DModel"
+    assert errors.metadata["solver"] == "DDIMScheduler"
+    assert schedule == Schedule.from_errors(errors, alpha=0.3)  # the library's rule, nothing else
+    for name in ("errors.png", "schedule.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    assert f"{STEPS} steps, 2 keys" in done.stdout
+    computed = sum(schedule.masks["ff"])
+    assert f"computed {computed:5d}  reused {STEPS - computed:5d}" in done.stdout
+    assert f"ideal speedup {errors.ideal_speedup(schedule):.2f}x" in done.stdout
+    # not a terminal: neither calibrate's progress nor diffusers' loading bar
+    assert "calibrate:" not in done.stderr and "Loading pipeline components" not in done.stderr
+
+
+def test_calibrate_with_target_per_block(dit_pipeline_dir, tmp_path):
+    done = _cli(
+        "calibrate",
+        str(dit_pipeline_dir),
+        "--steps",
+        str(STEPS),
+        "--class-labels",
+        "3",
+        "--target",
+        "1.1",
+        "--per-block",
+        "--out",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    schedule = Schedule.load(tmp_path / "schedule.json")
+    assert schedule.keys == ("attn1-0", "attn1-1", "ff-0", "ff-1")
+    assert schedule.metadata["target"] == 1.1 and schedule.metadata["ideal_speedup"] >= 1.1
+    assert schedule.metadata["per_block"] is True
+
+
+def test_calibrate_refuses_bad_input_with_the_fix(dit_pipeline_dir, tmp_path):
+    done = _cli(
+        "calibrate", str(dit_pipeline_dir), "--steps", "4", "--prompt", "a cat", "--out", str(tmp_path)
+    )
+    assert done.returncode == 2 and "DiTPipeline takes no prompt; pass --class-labels" in done.stderr
+    done = _cli("calibrate", str(tmp_path), "--steps", "4", "--class-labels", "1", "--out", str(tmp_path))
+    assert (
+        done.returncode == 2 and "must be a diffusers pipeline folder (with model_index.json" in done.stderr
+    )
+    done = _cli(
+        "calibrate",
+        str(dit_pipeline_dir),
+        "--steps",
+        "4",
+        "--alpha",
+        "0.1",
+        "--target",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
+    assert not (tmp_path / "schedule.json").exists()
+
+
+def test_show_summarises_and_writes_the_heatmap(tmp_path):
+    name = "roblox-dit-xl2-256-50-l2c"
+    done = _cli("show", name, "--plot", str(tmp_path / "l2c.png"))
+    assert done.returncode == 0, done.stderr
+    schedule = Schedule.builtin(name)
+    computed = sum(sum(mask) for key, mask in schedule.masks.items() if key.startswith("ff-"))
+    assert "50 steps, 56 keys" in done.stdout
+    assert re.search(rf"ff +28 key\(s\) +computed +{computed} +reused +{28 * 50 - computed} ", done.stdout)
+    assert "ideal speedup unknown: pass --errors" in done.stdout
+    assert (tmp_path / "l2c.png").read_bytes()[:8] == PNG
+
+
+def test_show_with_errors_gives_the_ideal_speedup(tmp_path):
+    errors = CalibrationErrors(
+        4,
+        1,
+        {"blocks.0.attn1": [[0.1, 0.1, 0.1]], "blocks.0.ff": [[0.1, 0.1, 0.1]]},
+        flops={"blocks.0.attn1": 30, "blocks.0.ff": 60},
+        total_flops=100,
+    )
+    schedule = Schedule(4, {"attn1": [1, 0, 1, 1], "ff": [1, 0, 0, 1]})
+    errors.save(tmp_path / "errors.json")
+    schedule.save(tmp_path / "s.json")
+    done = _cli(
+        "show",
+        str(tmp_path / "s.json"),
+        "--errors",
+        str(tmp_path / "errors.json"),
+        "--plot",
+        str(tmp_path / "s.png"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"ideal speedup {400 / (4 * 10 + 3 * 30 + 2 * 60):.2f}x" in done.stdout
+    done = _cli("show", str(tmp_path / "missing.json"))
+    assert done.returncode == 2 and "neither" in done.stderr and "roblox-dit-xl2-256-50-fora" in done.stderr
+
+
+def test_calibrate_a_text_pipeline_with_a_prompt(tmp_path):
+    folder = tmp_path / "pixart"
+    models.pixart_text_pipeline().save_pretrained(folder)
+    done = _cli(
+        "calibrate",
+        str(folder),
+        "--steps",
+        str(STEPS),
+        "--prompt",
+        "a photo of a red cat",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert done.returncode == 0, done.stderr
+    errors = CalibrationErrors.load(tmp_path / "out" / "calibration_errors.json")
+    assert errors.model_class == "PixArtTransformer2DModel" and errors.steps == STEPS
+    assert errors.metadata["solver"] == "DPMSolverMultistepScheduler"
+    assert Schedule.load(tmp_path / "out" / "schedule.json").keys == ("attn1", "attn2", "ff")
+    done = _cli("calibrate", str(folder), "--steps", "2", "--class-labels", "1", "--out", str(tmp_path))
+    assert done.returncode == 2 and "PixArtAlphaPipeline takes no class labels; pass --prompt" in done.stderr
+
+
+def test_heatmap_rows_put_block_numbers_in_numeric_order():
+    from smoothcache_fx.plots import schedule_rows
+
+    rows = schedule_rows(Schedule.builtin("roblox-dit-xl2-256-50-l2c"))
+    assert list(rows)[:3] == ["attn1-0", "attn1-1", "attn1-2"] and list(rows)[27:29] == ["attn1-27", "ff-0"]
+    assert rows["ff-3"] == list(Schedule.builtin("roblox-dit-xl2-256-50-l2c").masks["ff-3"])
