@@ -25,7 +25,6 @@ setup(
         "smoothcache_fx.schedules": "schedules",
     },
     package_data={
-        "smoothcache_fx.schedules": ["data/*.json"],
         # the trained digits DiT and classifier (fp16/fp32 safetensors, ~4.6 MB) and their record
         "smoothcache_fx.demo": ["*.safetensors", "*.json"],
     },

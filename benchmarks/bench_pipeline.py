@@ -149,7 +149,7 @@ def alpha_schedule(steps: int) -> Schedule:
         source = f"{REFERENCE_SCHEDULE} (Roblox/SmoothCache)"
     else:
         masks = {key: alpha_like_mask(50) for key in COMPONENTS}
-        source = "built-in alpha-like pattern (reference schedules not found)"
+        source = "an alpha-like pattern of this benchmark's own (reference schedules not found)"
     masks = {key: resample_mask(mask, steps) for key, mask in masks.items()}
     return Schedule(steps, masks, {"generator": "alpha", "source": source})
 
@@ -529,7 +529,7 @@ def measure(rows: list[Row], inputs: Inputs, repeats: int, device) -> None:
             result["output"] = run.x
 
 
-# A few steps cover every variant of the built-in schedules (fora2-4 has all three by step 3), and
+# A few steps cover every variant of the benchmark's schedules (fora2-4 has all three by step 3), and
 # the peak is per step: caches persist between steps and are reported on their own (cache MiB).
 MEMORY_STEPS = 4
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .builtin import builtin_names, builtin_path
 from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_from_errors
 from .json_file import read_json_object
 from .normalised_time import interpolate, positions
@@ -387,25 +386,6 @@ class Schedule:
         return cls(data["steps"], data["masks"], data.get("metadata", {}))
 
     @classmethod
-    def builtin(cls, name: str) -> Schedule:
-        """A schedule shipped with smoothcache_fx, by name (`Schedule.builtin_names()` lists them).
-
-        The `roblox-dit-xl2-256-*` ones are Roblox's published DiT-XL/2 256x256 schedules keyed for
-        diffusers' DiT (`attn1`, `ff`); each one's metadata names its source file.
-
-        Example::
-
-            >>> Schedule.builtin("roblox-dit-xl2-256-50-alpha-0.18").steps
-            50
-        """
-        return cls.load(builtin_path(name))
-
-    @staticmethod
-    def builtin_names() -> tuple[str, ...]:
-        """The names `Schedule.builtin` accepts, sorted."""
-        return builtin_names()
-
-    @classmethod
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Schedule:
         """Load a schedule from a JSON file (either format) or an already parsed dict.
 
@@ -606,15 +586,12 @@ def _validate_components(components: Any) -> list[str]:
 
 def as_schedule(schedule: Any) -> Schedule:
     """What `transform` and `set_schedule` accept as a schedule, as a `Schedule`: one itself, a
-    dict in the SmoothCache JSON format, a path to such a JSON file, or the name of a built-in
-    schedule (`Schedule.builtin_names()`; a file of that name, if there is one, wins)."""
+    dict in the SmoothCache JSON format, or a path to such a JSON file."""
     if isinstance(schedule, Schedule):
         return schedule
-    if isinstance(schedule, str) and schedule in builtin_names() and not Path(schedule).exists():
-        return Schedule.builtin(schedule)
     if isinstance(schedule, (Mapping, str, os.PathLike)):
         return Schedule.load(schedule)
     raise TypeError(
         f"schedule must be a smoothcache_fx.Schedule, a dict in the SmoothCache JSON format, a path "
-        f"to a JSON file or a built-in schedule's name; got {type(schedule).__name__}."
+        f"to a JSON file; got {type(schedule).__name__}."
     )

@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Print a schedule's "
         "steps, computed/reused counts per component and ideal speedup, and write its heatmap.",
     )
-    show.add_argument("schedule", metavar="SCHEDULE", help="a schedule JSON file or a built-in name")
+    show.add_argument(
+        "schedule", metavar="SCHEDULE", help="a schedule JSON file (ours, or a SmoothCache/Roblox one)"
+    )
     show.add_argument("--errors", help="calibration_errors.json, for the ideal speedup")
     show.add_argument("--plot", help="heatmap PNG to write (default: SCHEDULE's name with .png, here)")
 

@@ -54,7 +54,7 @@ def run_calibrate(args, out=print) -> Path:
 
 
 def run_show(args, out=print) -> Path | None:
-    """Print a summary of the schedule `args.schedule` (a file or a built-in name) and write its
+    """Print a summary of the schedule `args.schedule` (a JSON file, ours or Roblox's) and write its
     heatmap; returns the heatmap's path (None when matplotlib is missing)."""
     schedule = _load_schedule(args.schedule)
     errors = CalibrationErrors.load(args.errors) if args.errors else None
@@ -158,12 +158,10 @@ def _class_labels(text: str) -> list[int]:
 
 
 def _load_schedule(source: str) -> Schedule:
-    if source in Schedule.builtin_names():
-        return Schedule.builtin(source)
     if not Path(source).exists():
         raise CommandError(
-            f"SCHEDULE must be a schedule JSON file or a built-in name; got {source!r}, which is neither. "
-            f"Built-in names: {', '.join(Schedule.builtin_names())}."
+            f"SCHEDULE must be a schedule JSON file (ours, or a SmoothCache/Roblox one); got {source!r}, "
+            "which does not exist."
         )
     return Schedule.load(source)
 

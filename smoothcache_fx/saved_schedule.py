@@ -33,9 +33,9 @@ def load_saved(model) -> Schedule:
         )
         raise ValueError(
             f"transform without a schedule must find one saved beside {name}'s config; {where}. "
-            "Pass a schedule: transform(model, Schedule.load(path)), Schedule.builtin(name), or one "
-            "from Schedule.from_errors(...). save_pretrained of a transformed model or pipeline writes "
-            f"{SCHEDULE_FILE} for next time."
+            "Pass a schedule: transform(model, Schedule.load(path)) (our JSON or a SmoothCache/Roblox "
+            "file), or one from Schedule.from_errors(...). save_pretrained of a transformed model or "
+            f"pipeline writes {SCHEDULE_FILE} for next time."
         )
     path = folder / SCHEDULE_FILE
     schedule = Schedule.load(path)

@@ -53,11 +53,12 @@ def transform(
     Args:
         model: a DiT-style `torch.nn.Module`, or a diffusers pipeline with a `transformer`; a
             pipeline's `__call__` then resets the clock and checks the step count per generation.
-        schedule: a `Schedule`, a dict in the SmoothCache JSON format, a path to a JSON file, or
-            a built-in schedule's name (`Schedule.builtin_names()`). Keys whose component no block has are renamed to an alias that one has (`attn` ->
-            `attn1`, `mlp` -> `ff`; `smoothcache_fx.schedules.aliases`), with one log line. None:
-            the schedule that `save_pretrained` of a transformed model wrote beside the config of
-            the folder the model was loaded from (an error when there is none).
+        schedule: a `Schedule`, a dict in the SmoothCache JSON format, or a path to a JSON file
+            (ours, or one of Roblox's as published). Keys whose component no block has are renamed
+            to an alias that one has (`attn` -> `attn1`, `mlp` -> `ff`;
+            `smoothcache_fx.schedules.aliases`), with one log line. None: the schedule that
+            `save_pretrained` of a transformed model wrote beside the config of the folder the
+            model was loaded from (an error when there is none).
         blocks: which modules are transformer blocks: module paths or classes. By default every
             element of every `nn.ModuleList` that has child modules.
         kernel: "op" emits the fused `smoothcache_fx::gated_residual_add`; "inductor" emits plain

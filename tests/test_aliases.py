@@ -1,22 +1,21 @@
 """Component aliases: Roblox's DiT schedules (`attn`, `mlp`) run as-is on diffusers models, and
-diffusers-keyed schedules on facebookresearch-style blocks; the shipped built-in schedules."""
+diffusers-keyed schedules on facebookresearch-style blocks."""
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
-from pathlib import Path
 
 import models
 import pytest
+import roblox_files
 import torch
 from helpers import dit_call, pipeline_images, run_steps, tiny_call
 
 import smoothcache_fx
 from smoothcache_fx import Schedule
 from smoothcache_fx.schedules.aliases import alias_renames
-
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference-schedules"
 
 
 def _alias_lines(caplog) -> list[str]:
@@ -79,54 +78,30 @@ def test_an_alias_that_is_no_branch_still_fails_with_the_branch_list():
         run_steps(model, dit_call, 1)
 
 
-# -- built-in schedules ------------------------------------------------------------------------
+# -- Roblox's files as Roblox publishes them ---------------------------------------------------
 
 
-def test_builtin_names_and_their_step_counts():
-    names = Schedule.builtin_names()
-    assert "roblox-dit-xl2-256-50-alpha-0.18" in names and len(names) == 8
-    for name in names:
-        schedule = Schedule.builtin(name)
-        assert schedule.steps == int(name.split("-")[4]), name
-        assert schedule.components == ("attn1", "ff"), name
-        assert schedule.metadata["name"] == name
-        assert schedule.metadata["source"].startswith("Roblox/SmoothCache smoothcache_schedules/")
-
-
-def test_unknown_builtin_name_lists_the_choices():
-    with pytest.raises(ValueError, match=r"must be one of \[.*roblox-dit-xl2-256-50-fora.*got 'dit-50'"):
-        Schedule.builtin("dit-50")
-    with pytest.raises(TypeError, match="must be a str"):
-        Schedule.builtin(50)
-
-
-@pytest.mark.skipif(not REFERENCE_DIR.is_dir(), reason="needs ../shared/reference-schedules")
-@pytest.mark.parametrize("name", Schedule.builtin_names())
-def test_builtins_are_the_roblox_files_renamed(name):
-    builtin = Schedule.builtin(name)
-    source = REFERENCE_DIR / Path(builtin.metadata["source"]).name
-    assert builtin.masks == Schedule.load(source).rename({"attn": "attn1", "mlp": "ff"}).masks
-
-
-def test_a_builtin_runs_on_a_diffusers_dit_pipeline():
+@pytest.mark.parametrize("source", ["published", "fixture"])
+def test_a_roblox_file_runs_on_a_diffusers_dit_pipeline_as_published(source, tmp_path):
+    """Roblox's 30-step alpha=0.35 file from ../shared/reference-schedules (skipped without it),
+    and a file of the same format written here, so that this runs without it: given by path,
+    unchanged, its `attn`/`mlp` run as diffusers' `attn1`/`ff`."""
+    if source == "published":
+        path = roblox_files.published("30-N-3-threshold-0.35.json")
+        if path is None:
+            pytest.skip(f"no reference schedules at {roblox_files.REFERENCE_DIR}")
+    else:
+        path = roblox_files.write(tmp_path / "30-N-2-fora.json", roblox_files.fora_masks(30))
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert sorted(raw) == ["attn", "mlp"] and all(len(mask) == 30 for mask in raw.values())
     original = models.dit_pipeline()
-    schedule = Schedule.builtin("roblox-dit-xl2-256-30-alpha-0.35")
-    pipe = smoothcache_fx.transform(copy.deepcopy(original), "roblox-dit-xl2-256-30-alpha-0.35")  # by name
-    assert pipe.transformer.smoothcache.schedule == schedule
-    images = pipeline_images(pipe, 30)
-    stats = pipe.transformer.smoothcache.stats["transformer_blocks.0.attn1"]
-    assert stats == {
-        "computed": sum(schedule.masks["attn1"]),
-        "reused": 30 - sum(schedule.masks["attn1"]),
-        "cache_bytes": stats["cache_bytes"],
+    pipe = smoothcache_fx.transform(copy.deepcopy(original), str(path))
+    assert dict(pipe.transformer.smoothcache.schedule.masks) == {
+        "attn1": tuple(raw["attn"]),
+        "ff": tuple(raw["mlp"]),
     }
+    images = pipeline_images(pipe, 30)
+    for key, component in (("attn", "attn1"), ("mlp", "ff")):
+        stats = pipe.transformer.smoothcache.stats[f"transformer_blocks.0.{component}"]
+        assert (stats["computed"], stats["reused"]) == (sum(raw[key]), 30 - sum(raw[key])), key
     assert abs(images - pipeline_images(original, 30)).max() > 1e-4
-
-
-def test_a_file_named_like_a_builtin_wins_over_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    Schedule.uniform(4, 2, ["attn1"]).save(tmp_path / "roblox-dit-xl2-256-50-fora")
-    model = smoothcache_fx.transform(models.diffusers_dit(), "roblox-dit-xl2-256-50-fora")
-    assert model.smoothcache.schedule.steps == 4
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        smoothcache_fx.transform(models.diffusers_dit(), "roblox-dit-xl2-256-51-fora")

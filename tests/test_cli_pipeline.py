@@ -3,12 +3,14 @@ them (a subprocess, stderr not a terminal) on a tiny DiT pipeline saved with sav
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
 import models
 import pytest
+import roblox_files
 
 from smoothcache_fx import CalibrationErrors, Schedule
 
@@ -105,14 +107,27 @@ def test_calibrate_refuses_bad_input_with_the_fix(dit_pipeline_dir, tmp_path):
     assert not (tmp_path / "schedule.json").exists()
 
 
-def test_show_summarises_and_writes_the_heatmap(tmp_path):
-    name = "roblox-dit-xl2-256-50-l2c"
-    done = _cli("show", name, "--plot", str(tmp_path / "l2c.png"))
+def _per_block_file(source: str, tmp_path):
+    """A 50-step per-block file for 28 blocks (56 keys, `attn-0` ... `mlp-27`): Roblox's
+    `50-N-2-l2c.json` as published (skipped without ../shared/reference-schedules), or one of the
+    same format written here."""
+    if source == "published":
+        path = roblox_files.published("50-N-2-l2c.json")
+        if path is None:
+            pytest.skip(f"no reference schedules at {roblox_files.REFERENCE_DIR}")
+        return path
+    return roblox_files.write(tmp_path / "per-block.json", roblox_files.per_block_masks(50, 28))
+
+
+@pytest.mark.parametrize("source", ["fixture", "published"])
+def test_show_summarises_and_writes_the_heatmap(source, tmp_path):
+    path = _per_block_file(source, tmp_path)
+    done = _cli("show", str(path), "--plot", str(tmp_path / "l2c.png"))
     assert done.returncode == 0, done.stderr
-    schedule = Schedule.builtin(name)
-    computed = sum(sum(mask) for key, mask in schedule.masks.items() if key.startswith("ff-"))
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    computed = sum(sum(mask) for key, mask in raw.items() if key.startswith("mlp-"))
     assert "50 steps, 56 keys" in done.stdout
-    assert re.search(rf"ff +28 key\(s\) +computed +{computed} +reused +{28 * 50 - computed} ", done.stdout)
+    assert re.search(rf"mlp +28 key\(s\) +computed +{computed} +reused +{28 * 50 - computed} ", done.stdout)
     assert "ideal speedup unknown: pass --errors" in done.stdout
     assert (tmp_path / "l2c.png").read_bytes()[:8] == PNG
 
@@ -139,7 +154,7 @@ def test_show_with_errors_gives_the_ideal_speedup(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"ideal speedup {400 / (4 * 10 + 3 * 30 + 2 * 60):.2f}x" in done.stdout
     done = _cli("show", str(tmp_path / "missing.json"))
-    assert done.returncode == 2 and "neither" in done.stderr and "roblox-dit-xl2-256-50-fora" in done.stderr
+    assert done.returncode == 2 and f"{str(tmp_path / 'missing.json')!r}, which does not exist" in done.stderr
 
 
 def test_calibrate_a_text_pipeline_with_a_prompt(tmp_path):
@@ -167,6 +182,7 @@ def test_calibrate_a_text_pipeline_with_a_prompt(tmp_path):
 def test_heatmap_rows_put_block_numbers_in_numeric_order():
     from smoothcache_fx.plots import schedule_rows
 
-    rows = schedule_rows(Schedule.builtin("roblox-dit-xl2-256-50-l2c"))
-    assert list(rows)[:3] == ["attn1-0", "attn1-1", "attn1-2"] and list(rows)[27:29] == ["attn1-27", "ff-0"]
-    assert rows["ff-3"] == list(Schedule.builtin("roblox-dit-xl2-256-50-l2c").masks["ff-3"])
+    schedule = Schedule.load(roblox_files.per_block_masks(50, 28))  # as Roblox's 50-N-2-l2c.json
+    rows = schedule_rows(schedule)
+    assert list(rows)[:3] == ["attn-0", "attn-1", "attn-2"] and list(rows)[27:29] == ["attn-27", "mlp-0"]
+    assert rows["mlp-3"] == list(schedule.masks["mlp-3"])

@@ -8,6 +8,7 @@ import logging
 import models
 import numpy as np
 import pytest
+import roblox_files
 from helpers import pipeline_images
 
 import smoothcache_fx
@@ -31,9 +32,24 @@ def _nearest_reference(mask: tuple[int, ...], steps: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _per_block_schedule(source: str) -> Schedule:
+    """50 steps, per-block keys for 28 blocks (56 masks): Roblox's `50-N-2-l2c.json` as published
+    (skipped without ../shared/reference-schedules), or a file of the same format written here."""
+    if source == "published":
+        path = roblox_files.published("50-N-2-l2c.json")
+        if path is None:
+            pytest.skip(f"no reference schedules at {roblox_files.REFERENCE_DIR}")
+        masks = Schedule.load(path).masks
+    else:
+        masks = roblox_files.per_block_masks(50, 28)
+    return Schedule(50, masks, {"source": source})
+
+
+@pytest.mark.parametrize("source", ["fixture", "published"])
 @pytest.mark.parametrize("steps", [2, 7, 20, 37, 50, 100])
-def test_resample_takes_the_nearest_step_in_normalised_time(steps):
-    schedule = Schedule.builtin("roblox-dit-xl2-256-50-l2c")  # per-block keys, 56 masks
+def test_resample_takes_the_nearest_step_in_normalised_time(steps, source):
+    schedule = _per_block_schedule(source)
+    assert len(schedule.keys) == 56
     resampled = schedule.resample(steps)
     assert resampled.steps == steps and resampled.keys == schedule.keys
     for key, mask in schedule.masks.items():
@@ -43,11 +59,11 @@ def test_resample_takes_the_nearest_step_in_normalised_time(steps):
 
 
 def test_resample_keeps_the_reuse_share_and_the_origin():
-    schedule = Schedule.builtin("roblox-dit-xl2-256-50-fora")
+    schedule = Schedule.load(roblox_files.fora_masks(50))  # as Roblox's 50-N-2-fora.json
     assert schedule.resample(50) is schedule
     double = schedule.resample(100)  # no exact ties: each step twice, so 1 1 0 0 1 1 ...
-    assert double.masks["attn1"][:8] == (1, 1, 0, 0, 1, 1, 0, 0)
-    assert abs(double.compute_fraction["attn1"] - schedule.compute_fraction["attn1"]) < 0.01
+    assert double.masks["attn"][:8] == (1, 1, 0, 0, 1, 1, 0, 0)
+    assert abs(double.compute_fraction["attn"] - schedule.compute_fraction["attn"]) < 0.01
     assert double.resample(30).metadata["resampled_from_steps"] == 50  # the first origin is kept
 
 

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import roblox_files
 
 from smoothcache_fx.schedules import FORMAT_VERSION, Schedule
 
@@ -405,6 +406,16 @@ def test_published_fora_differs_from_uniform_only_at_the_last_step(steps):
     for key in DIT_KEYS:
         diff = [i for i in range(steps) if published.masks[key][i] != uniform.masks[key][i]]
         assert diff == [steps - 1]
+
+
+@pytest.mark.parametrize("steps", [30, 50, 70])
+def test_the_tests_own_fora_files_are_the_published_ones(steps):
+    """tests/roblox_files.py writes FORA files for tests that must run without the reference
+    schedules; where those are at hand, they show the fixture is what Roblox publishes."""
+    path = roblox_files.published(f"{steps}-N-2-fora.json")
+    if path is None:
+        pytest.skip(f"no reference schedules at {roblox_files.REFERENCE_DIR}")
+    assert json.loads(path.read_text(encoding="utf-8")) == roblox_files.fora_masks(steps)
 
 
 def test_malformed_json_names_file_and_position(tmp_path):
