@@ -85,8 +85,11 @@ def estimate_compile_cost(runtime: SmoothCacheRuntime) -> CompileEstimate:
             whole.append(block_keys[key])
         model_keys.setdefault(tuple(key for key in _step_keys(states, step)), sum(whole))
     block = sum(FIXED_GRAPH_COST + count for count in block_keys.values())
-    model = sum(FIXED_GRAPH_COST + count for count in model_keys.values())
-    return CompileEstimate(plain, block, model, len(block_keys), len(model_keys))
+    # A whole-model graph names its cache buffers, so each call slot of a step (calls_per_step)
+    # has graphs of its own; block variants take the caches as inputs and serve every slot.
+    slots = runtime.calls_per_step
+    model = slots * sum(FIXED_GRAPH_COST + count for count in model_keys.values())
+    return CompileEstimate(plain, block, model, len(block_keys), slots * len(model_keys))
 
 
 def choose_granularity(

@@ -43,7 +43,7 @@ class _Plan:
     entries: tuple[Any, ...]
     step_keys: tuple[MaskKey, ...]
     bindings: dict[tuple[MaskKey, int], dict[str, BlockBinding]] = field(default_factory=dict)
-    compiled: dict[MaskKey, Any] = field(default_factory=dict)
+    compiled: dict[tuple[MaskKey, int], Any] = field(default_factory=dict)
     calls: dict[MaskKey, int] = field(default_factory=dict)
 
 
@@ -72,9 +72,11 @@ class ModelVariants:
                 return self.forward(model, *args, **kwargs)
         step, slot = runtime.step, runtime.slot
         key = plan.step_keys[step]
-        compiled = plan.compiled.get(key)
+        # One graph per mask and call slot: each slot's call reads and writes caches of its own.
+        compiled = plan.compiled.get((key, slot))
         if compiled is None:
-            compiled = plan.compiled[key] = self._compile(len(self.plans), len(plan.compiled), tensors)
+            compiled = self._compile(len(self.plans), len(plan.compiled), tensors)
+            plan.compiled[(key, slot)] = compiled
         plan.calls[key] = plan.calls.get(key, 0) + 1
         if runtime.form == "graph":  # one graph for every step: the step is a buffer inside it
             output = compiled(model, *args, **kwargs)
@@ -105,7 +107,7 @@ class ModelVariants:
                         "steps": [step for step, other in enumerate(plan.step_keys) if other == key],
                         "compute": _describe(key, self.runtime),
                         "calls": plan.calls.get(key, 0),
-                        "compiled": key in plan.compiled,
+                        "compiled": (key, 0) in plan.compiled,
                     }
                 )
         return rows

@@ -151,8 +151,9 @@ def test_whole_model_variants_keep_the_batch_size_of_a_generation():
             tiny_call(model, 1, batch=3)
 
 
-def test_whole_model_variants_with_two_calls_per_step():
-    """Unbatched guidance: each call of a step has caches of its own, in the compiled graph too."""
+def test_whole_model_variants_with_two_calls_per_step(forbid_recompiles):
+    """Unbatched guidance: each call of a step has caches of its own, in the compiled graph too
+    (one graph per mask and call: they read different cache buffers)."""
     original = models.diffusers_dit(num_layers=2)
     schedule = Schedule.uniform(4, 2, ["attn1", "ff"])
     eager = smoothcache_fx.transform(copy.deepcopy(original), schedule, calls_per_step=2)
@@ -171,12 +172,14 @@ def test_whole_model_variants_with_two_calls_per_step():
             for step in range(4):
                 x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(step))
                 t = torch.full((2,), 50 * step + 1)
-                for labels in (torch.tensor([1, 2]), torch.tensor([10, 10])):  # conditional, null class
-                    out.append(model(x, timestep=t, class_labels=labels % 10).sample)
+                for labels in (torch.tensor([1, 2]), torch.tensor([3, 4])):  # two calls, two inputs
+                    out.append(model(x, timestep=t, class_labels=labels).sample)
         return out
 
+    forbid_recompiles()
     _close(calls(compiled), calls(eager))
     _close(calls(compiled), calls(eager))
+    assert counters["stats"]["unique_graphs"] == 4
 
 
 def test_untransform_restores_the_model_class():
