@@ -26,6 +26,7 @@ from smoothcache_fx.passes.capture import (
 )
 from smoothcache_fx.passes.conditional import ConditionalBlock, make_conditional
 from smoothcache_fx.passes.specialise import SpecialisedBlock, specialise_block
+from smoothcache_fx.schedules.forecast import weight_table
 
 if TYPE_CHECKING:
     from smoothcache_fx.runtime import SmoothCacheRuntime
@@ -63,12 +64,16 @@ class SharedCapture:
 
 @dataclass
 class _Capture:
-    """One call signature of one block: the shared graph plus this block's schedule masks."""
+    """One call signature of one block: the shared graph plus this block's schedule masks, the
+    predictor orders of its forecast components and their per-step weights ([order + 1] fp32
+    tensors on the block's device, one per step, built once per capture)."""
 
     shared: SharedCapture
     masks: dict[str, tuple[bool, ...]]
     dependencies: CaptureDependencies
     state_owners: tuple[tuple[dict, str], ...] = ()
+    orders: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
     def captured(self) -> CapturedBlock:
@@ -96,6 +101,7 @@ class BlockState:
         self.last_call: tuple[int, int, int] | None = None
         self.computed: dict[str, int] = {}
         self.reused: dict[str, int] = {}
+        self.forecast: dict[str, int] = {}
         # Why this block cannot be captured (it then runs as the model wrote it), or None.
         self.uncapturable: str | None = None
 
@@ -138,11 +144,12 @@ class BlockState:
         if runtime.tools.annotator is not None:  # only inside smoothcache_fx.profile()
             run_graph = runtime.tools.annotator(self.path, entry.shared, variant, tensors)
         caches = self._caches(block, variant)
+        weights = [entry.weights[site.component][runtime.step] for site in variant.forecast_sites]
         state = [table[name] for table, name in entry.state_owners]
-        flat = run_graph(*state, *entry.captured.constants, *tensors, *caches)
+        flat = run_graph(*state, *entry.captured.constants, *tensors, *weights, *caches)
         for name in entry.branches.components:
             on = compute.get(name, True)  # unscheduled branches always compute
-            counter = self.computed if on else self.reused
+            counter = self.computed if on else self.forecast if name in entry.orders else self.reused
             counter[name] = counter.get(name, 0) + 1
         return tree_unflatten(list(flat), entry.captured.out_spec)
 
@@ -216,6 +223,14 @@ class BlockState:
         _allocate_caches(
             block, entry, static=runtime.compile_config.uses_cuda_graphs, slots=runtime.calls_per_step
         )
+        device = entry.captured.signature.tensors[0][2] if entry.captured.signature.tensors else None
+        entry.weights = {
+            name: [
+                torch.tensor(row, dtype=torch.float32, device=device)
+                for row in weight_table(entry.masks[name], order)
+            ]
+            for name, order in entry.orders.items()
+        }
         if runtime.form == "graph":
             _register_schedule_table(block, entry, runtime.schedule.steps)
 
@@ -280,18 +295,34 @@ class BlockState:
             # wrote it, it costs nothing (no cache buffer, no cache write, the model's own add).
             if mask is not None and (not all(mask) or self.runtime.tools.record_branches):
                 masks[component] = tuple(bool(v) for v in mask)
-        return _Capture(shared, masks, dependencies, _state_owners(block, shared.captured.state_names))
+        orders = {}
+        for component, mask in masks.items():
+            order = min(schedule.order_for(f"{self.path}.{component}"), self.runtime.max_order)
+            if order and not all(mask):
+                orders[component] = order
+        if orders and self.runtime.form == "graph":
+            raise NotImplementedError(
+                f"block {self.path!r}: the schedule forecasts {sorted(orders)} (predictor orders "
+                f"{orders}), which form='graph' does not support yet. Use form='variants' (the "
+                "default), or transform with max_order=0 to reuse instead of forecasting."
+            )
+        owners = _state_owners(block, shared.captured.state_names)
+        return _Capture(shared, masks, dependencies, owners, orders)
 
     def _variant(
         self, entry: _Capture, compute: dict[str, bool], tensors
     ) -> tuple[SpecialisedBlock, Callable]:
         """The specialised graph for `compute` and the callable that runs it (compiled or not)."""
         shared = entry.shared
-        key = tuple(compute.items())
+        key = variant_key(compute, entry.orders)
         variant = shared.variants.get(key)
         if variant is None:
             variant = specialise_block(
-                shared.captured.graph_module, shared.branches, compute, kernel=self.runtime.kernel
+                shared.captured.graph_module,
+                shared.branches,
+                compute,
+                kernel=self.runtime.kernel,
+                orders=entry.orders,
             )
             shared.variants[key] = variant
         shared.calls[key] = shared.calls.get(key, 0) + 1
@@ -317,10 +348,24 @@ class BlockState:
                     f"{self.runtime.step} before it was computed in this generation. Every scheduled "
                     "branch must compute at the first step of a generation."
                 )
+            buffer = getattr(block, cache_name(index, slot))
             if site.component in variant.computed:
+                if site.component in dict(variant.orders) and (slot, index) not in self.written:
+                    buffer.zero_()  # empty history slots get weight 0: keep them finite
                 self.written.add((slot, index))
-            caches.append(getattr(block, cache_name(index, slot)))
+            caches.append(buffer)
         return caches
+
+
+# The variant key's entry for predictor orders (absent when every scheduled component reuses, so
+# reuse-only keys stay `tuple(compute.items())`).
+ORDERS_KEY = "__orders__"
+
+
+def variant_key(compute: dict[str, bool], orders: dict[str, int]) -> tuple:
+    """The key of a specialised variant: its compute mask and, if any, its predictor orders."""
+    key = tuple(compute.items())
+    return key + ((ORDERS_KEY, tuple(sorted(orders.items()))),) if orders else key
 
 
 def capture_shared(
@@ -387,16 +432,19 @@ def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = Fal
     with torch.inference_mode(False), torch.no_grad():
         for index, slot in itertools.product(range(len(entry.branches.sites)), range(slots)):
             value = nodes[entry.branches.sites[index].branch].meta["val"]
+            order = entry.orders.get(entry.branches.sites[index].component, 0)
             name = cache_name(index, slot)
+            # A forecast component keeps its last order + 1 outputs (see passes/specialise.py).
+            shape = (order + 1, *value.shape) if order else value.shape
             existing = getattr(block, name, None)
             if (
                 existing is not None
-                and existing.shape == value.shape
+                and existing.shape == shape
                 and existing.dtype == value.dtype
                 and existing.device == value.device
             ):
                 continue
-            buffer = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+            buffer = torch.empty(shape, dtype=value.dtype, device=value.device)
             if static:  # CUDA graphs read and write the buffer in place instead of copying it
                 mark_static_address(buffer)
             block.register_buffer(name, buffer, persistent=False)

@@ -12,6 +12,7 @@ from smoothcache_fx.compile import DEFAULT_MAX_VARIANTS, CompileConfig
 from smoothcache_fx.passes.specialise import KERNELS
 from smoothcache_fx.runtime import SmoothCacheRuntime
 from smoothcache_fx.schedules import Schedule, as_schedule
+from smoothcache_fx.schedules.forecast import MAX_ORDER, check_order
 
 _BLOCK_CLASSES: dict[type, type] = {}
 _PIPELINE_CLASSES: dict[type, type] = {}
@@ -34,6 +35,7 @@ def transform(
     form: str = "variants",
     calls_per_step: int = 1,
     strict: bool = False,
+    max_order: int = MAX_ORDER,
 ):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
@@ -68,6 +70,9 @@ def transform(
             form only.
         strict: a block that torch.export cannot capture (data-dependent routing, `.numpy()`)
             raises instead of running uncached with a warning.
+        max_order: cap on the predictor orders of the schedule (`Schedule.orders`): a branch of
+            order k keeps k + 1 outputs (k + 1 buffers of its output's size per call slot,
+            `model.smoothcache.stats[...]["cache_bytes"]`); 0 reuses everywhere.
 
     Returns:
         The same object, transformed.
@@ -103,6 +108,7 @@ def transform(
             "fullgraph=True) on the transformed model instead of passing compile=True."
         )
     schedule = as_schedule(schedule)
+    check_order(max_order, "transform(..., max_order=)")
     compile_config = CompileConfig(
         enabled=bool(compile),
         backend=backend,
@@ -112,7 +118,9 @@ def transform(
         max_variants=max_variants,
     )
     if _is_pipeline(model):
-        _transform_pipeline(model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict)
+        _transform_pipeline(
+            model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict, max_order
+        )
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -125,7 +133,15 @@ def transform(
             "call model.smoothcache.set_schedule(schedule) instead of transforming it again."
         )
     _install(
-        model, schedule, find_blocks(model, blocks), kernel, compile_config, form, calls_per_step, strict
+        model,
+        schedule,
+        find_blocks(model, blocks),
+        kernel,
+        compile_config,
+        form,
+        calls_per_step,
+        strict,
+        max_order,
     )
     return model
 
@@ -156,8 +172,11 @@ def _install(
     form: str,
     calls_per_step: int = 1,
     strict: bool = False,
+    max_order: int = MAX_ORDER,
 ) -> None:
-    runtime = SmoothCacheRuntime(model, schedule, found, kernel, compile_config, form, calls_per_step, strict)
+    runtime = SmoothCacheRuntime(
+        model, schedule, found, kernel, compile_config, form, calls_per_step, strict, max_order
+    )
     for path, block in found.items():
         original = type(block)
         block._smoothcache_state = BlockState(path, original, runtime)
@@ -290,6 +309,7 @@ def _transform_pipeline(
     form: str,
     calls_per_step: int = 1,
     strict: bool = False,
+    max_order: int = MAX_ORDER,
 ) -> None:
     if "smoothcache" in pipe.transformer.__dict__:
         raise RuntimeError(
@@ -297,7 +317,9 @@ def _transform_pipeline(
             "schedule call pipe.transformer.smoothcache.set_schedule(schedule)."
         )
     found = find_blocks(pipe.transformer, blocks)
-    _install(pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict)
+    _install(
+        pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict, max_order
+    )
     pipe.__class__ = _pipeline_class(type(pipe))
 
 
