@@ -17,6 +17,7 @@ the same weights to measure each order's error.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 # Orders the fused op and calibration support. Order 2 already needs three full-size history buffers
@@ -90,3 +91,51 @@ def weight_table(mask: Sequence[int | bool], order: int) -> list[tuple[float, ..
     """`forecast_weights` for every step of `mask` (compute steps get the newest slot alone, unused)."""
     unit = (0.0,) * order + (1.0,)
     return [unit if mask[s] else forecast_weights(mask, order, s) for s in range(len(mask))]
+
+
+# ------------------------------------------------------------------ calibrated predictor errors
+#
+# Calibration measures, per branch, the error of forecasting step t from the outputs of earlier
+# steps placed as a schedule could place its computes: the newest `lag` steps back, each older one
+# `gap` steps before the next. A key "order/lag/gap[/gap]" names one such history; its errors are
+# indexed by the forecast step t (inf where the history would start before step 0). The scan in
+# `from_errors` reads the key of the history its own computes make, so every gap it can produce is
+# recorded: consecutive computes are at most lookahead + 1 steps apart.
+
+
+def predictor_key(order: int, lag: int, gaps: Sequence[int]) -> str:
+    """The calibration key of an order-`order` forecast `lag` steps after the newest compute, with
+    `gaps` between consecutive computes going back (newest gap first)."""
+    return "/".join(str(v) for v in (order, lag, *gaps))
+
+
+def parse_predictor_key(key: str) -> tuple[int, int, tuple[int, ...]]:
+    """(order, lag, gaps) of a `predictor_key`; ValueError naming the key when it is not one."""
+    try:
+        order, lag, *gaps = (int(v) for v in key.split("/"))
+    except ValueError:
+        order, lag, gaps = -1, 0, []
+    if not 1 <= order <= MAX_ORDER or len(gaps) != order or lag < 1 or min(gaps) < 1:
+        raise ValueError(
+            f"predictor error keys must be 'order/lag/gap' (order 1) or 'order/lag/gap/gap' (order 2) "
+            f"with positive lag and gaps; got {key!r}."
+        )
+    return order, lag, tuple(gaps)
+
+
+def predictor_histories(max_order: int, lookahead: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Every (order, lag, gaps) a scan with this lookahead can need, orders 1..max_order."""
+    histories = []
+    for order in range(1, max_order + 1):
+        for lag in range(1, lookahead + 1):
+            for gaps in itertools.product(range(1, lookahead + 2), repeat=order):
+                histories.append((order, lag, gaps))
+    return histories
+
+
+def history_steps(step: int, lag: int, gaps: Sequence[int]) -> list[int]:
+    """The compute steps of a history, oldest first: `step - lag`, then each gap further back."""
+    nodes = [step - lag]
+    for gap in gaps:
+        nodes.append(nodes[-1] - gap)
+    return nodes[::-1]

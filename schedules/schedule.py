@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .forecast import check_order
-from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_from_errors
+from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_and_orders
 from .json_file import read_json_object
 
 FORMAT_NAME = "smoothcache_fx.schedule"
@@ -284,7 +284,9 @@ class Schedule:
         return cls(steps, {key: mask for key in keys}, {"generator": "uniform", "interval": interval})
 
     @classmethod
-    def from_errors(cls, errors, alpha: float, per_block: bool = False, steps: int | None = None) -> Schedule:
+    def from_errors(
+        cls, errors, alpha: float, per_block: bool = False, steps: int | None = None, max_order: int = 0
+    ) -> Schedule:
         """The SmoothCache schedule: reuse wherever the calibrated error stays within ``alpha``.
 
         Scans each component's block-averaged e_k curves (or each branch's with
@@ -299,6 +301,9 @@ class Schedule:
             alpha: error budget >= 0; larger reuses more.
             per_block: one mask per block and component instead of one per component.
             steps: schedule length; default the calibrated one.
+            max_order: also consider forecasting skipped steps with predictor orders up to this
+                (errors from ``calibrate(..., max_order=...)``); each key gets the order whose scan
+                computes least, recorded in ``orders``.
 
         Example::
 
@@ -306,16 +311,18 @@ class Schedule:
             schedule = Schedule.from_errors(errors, alpha=0.18)
         """
         errors = errors_at(errors, steps)
-        masks = masks_from_errors(errors, alpha, per_block)
+        masks, orders = masks_and_orders(errors, alpha, per_block, max_order)
         metadata = errors_metadata(errors, "from_errors", per_block, alpha=float(alpha))
-        schedule = cls(errors.steps, masks, metadata)
+        if max_order:
+            metadata["max_order"] = max_order
+        schedule = cls(errors.steps, masks, metadata, orders)
         if errors.total_flops:
             schedule = schedule.with_metadata(ideal_speedup=errors.ideal_speedup(schedule))
         return schedule
 
     @classmethod
     def for_speedup(
-        cls, errors, target: float, per_block: bool = False, steps: int | None = None
+        cls, errors, target: float, per_block: bool = False, steps: int | None = None, max_order: int = 0
     ) -> Schedule:
         """The :meth:`from_errors` schedule with the smallest alpha whose FLOP-derived ideal speed-up
         reaches ``target``; metadata records ``alpha``, ``target`` and the ``ideal_speedup`` reached.
@@ -327,8 +334,8 @@ class Schedule:
             schedule = Schedule.for_speedup(errors, target=1.8)
         """
         errors = errors_at(errors, steps)
-        alpha = alpha_for_speedup(errors, target, per_block)
-        schedule = cls.from_errors(errors, alpha, per_block=per_block)
+        alpha = alpha_for_speedup(errors, target, per_block, max_order)
+        schedule = cls.from_errors(errors, alpha, per_block=per_block, max_order=max_order)
         return schedule.with_metadata(generator="for_speedup", target=target)
 
     # ------------------------------------------------------------------ I/O

@@ -5,6 +5,11 @@ is compared only with call c of steps t-1 .. t-lookahead: with unbatched classif
 the unconditional call's earlier output is the earlier unconditional output, exactly what its own
 cache would hold under `transform(..., calls_per_step=N)`. Comparing with whatever call came
 before would measure the difference between the conditional and the unconditional prediction.
+
+With `max_order` > 0 the recorder also forecasts every step from every history a schedule could
+give it (`schedules.forecast.predictor_histories`) and sums the relative L1 error of each; that
+needs the last `lookahead + max_order * (lookahead + 1)` outputs per branch and call instead of
+`lookahead`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,13 @@ import sys
 
 import numpy as np
 import torch
+
+from smoothcache_fx.schedules.forecast import (
+    history_steps,
+    lagrange_weights,
+    predictor_histories,
+    predictor_key,
+)
 
 __all__ = ["Progress", "Recorder"]
 
@@ -28,10 +40,16 @@ class Recorder:
             the first generation's count, which every later one must match.
         calls_per_step: model calls per step; a generation must have a whole number of steps.
         progress: show progress (see `Progress`).
+        max_order: record predictor errors for orders 1..max_order (0: reuse errors only).
     """
 
-    def __init__(self, lookahead: int, steps: int | None, calls_per_step: int, progress: bool):
+    def __init__(
+        self, lookahead: int, steps: int | None, calls_per_step: int, progress: bool, max_order: int = 0
+    ):
         self.lookahead = lookahead
+        self.histories = predictor_histories(max_order, lookahead)
+        # Outputs a forecast reaches back to: the lag, then max_order gaps of up to lookahead + 1.
+        self.depth = lookahead + max_order * (lookahead + 1) if max_order else lookahead
         self.expected = steps
         self.calls_per_step = calls_per_step
         self.call = -1  # model call index within the current generation; -1 before the first call
@@ -44,6 +62,9 @@ class Recorder:
         # (branch path, call of the step) -> lag -> this generation's 0-d errors, in step order.
         self.pending: dict[tuple[str, int], list[list[torch.Tensor]]] = {}
         self.sums: dict[str, list[list[np.ndarray]]] = {}  # branch path -> call -> lag
+        # (branch path, call) -> predictor key -> this generation's (step, 0-d error); then the sums.
+        self.pending_forecast: dict[tuple[str, int], dict[str, list[tuple[int, torch.Tensor]]]] = {}
+        self.forecast_sums: dict[str, list[dict[str, np.ndarray]]] = {}  # path -> call -> key
         self.progress = Progress(progress)
 
     @property
@@ -72,13 +93,32 @@ class Recorder:
             norm = sum(x.abs().sum() for x in current)
             lags = self.pending.setdefault((path, slot), [[] for _ in range(self.lookahead)])
             for k in range(1, min(self.lookahead, t) + 1):
-                previous = slots[(t - k) % self.lookahead]
+                previous = slots[(t - k) % self.depth]
                 diff = sum((x - p.float()).abs().sum() for x, p in zip(current, previous, strict=True))
                 lags[k - 1].append(torch.nan_to_num(diff / norm, nan=0.0, posinf=math.inf))
-            for buffer, x in zip(slots[t % self.lookahead], tensors, strict=True):
+            if self.histories:
+                self._record_forecasts(path, slot, slots, current, norm, t)
+            for buffer, x in zip(slots[t % self.depth], tensors, strict=True):
                 buffer.copy_(x)
         if slot == self.calls_per_step - 1:
             self.progress.update(self.generations + 1, t)
+
+    def _record_forecasts(self, path: str, slot: int, slots, current, norm, t: int) -> None:
+        """Each history's forecast of step t against the output it computed, as a 0-d error."""
+        pending = self.pending_forecast.setdefault((path, slot), {})
+        for order, lag, gaps in self.histories:
+            nodes = history_steps(t, lag, gaps)
+            if nodes[0] < 0:
+                continue
+            weights = lagrange_weights(nodes, t)
+            diff = 0
+            for index, x in enumerate(current):
+                prediction = sum(
+                    w * slots[n % self.depth][index].float() for w, n in zip(weights, nodes, strict=True)
+                )
+                diff = diff + (prediction - x).abs().sum()
+            error = torch.nan_to_num(diff / norm, nan=0.0, posinf=math.inf)
+            pending.setdefault(predictor_key(order, lag, gaps), []).append((t, error))
 
     def _slots(self, path: str, slot: int, tensors: list[torch.Tensor], t: int) -> list[list[torch.Tensor]]:
         slots = self.ring.get((path, slot))
@@ -91,7 +131,7 @@ class Recorder:
                     "(and calls_per_step=) so generations are delimited correctly."
                 )
             with torch.inference_mode(False):  # writable later whether or not run uses inference mode
-                slots = [[torch.empty_like(x) for x in tensors] for _ in range(self.lookahead)]
+                slots = [[torch.empty_like(x) for x in tensors] for _ in range(self.depth)]
             self.ring[(path, slot)] = slots
         return slots
 
@@ -134,7 +174,24 @@ class Recorder:
                 for curve in per_lag:
                     curve += [next(values) for _ in range(len(curve))]
         self.pending.clear()
+        self._sum_forecasts(length)
         self.generations += 1
+
+    def _sum_forecasts(self, length: int) -> None:
+        """Add this generation's predictor errors to the sums (one device sync); steps a history
+        cannot reach stay inf."""
+        entries = [
+            (path, slot, key, t, error)
+            for (path, slot), table in self.pending_forecast.items()
+            for key, values in table.items()
+            for t, error in values
+        ]
+        values = torch.stack([e[-1] for e in entries]).tolist() if entries else []
+        for (path, slot, key, t, _), value in zip(entries, values, strict=True):
+            calls = self.forecast_sums.setdefault(path, [{} for _ in range(self.calls_per_step)])
+            sums = calls[slot].setdefault(key, np.full(length, math.inf))
+            sums[t] = value if math.isinf(sums[t]) and self.generations == 0 else sums[t] + value
+        self.pending_forecast.clear()
 
     def mean_errors(self) -> dict[str, list[list[list[float]]]]:
         """Branch path -> call of the step -> lag -> mean error per step over the generations."""
@@ -142,6 +199,16 @@ class Recorder:
             path: [[(s / self.generations).tolist() for s in per_lag] for per_lag in sums]
             for path, sums in self.sums.items()
         }
+
+    def mean_forecast_errors(self) -> dict[str, dict[str, list[float]]]:
+        """Branch path -> predictor key -> mean error per step, the maximum over the calls of a step."""
+        means = {}
+        for path, calls in self.forecast_sums.items():
+            keys = calls[0]
+            means[path] = {
+                key: np.max([call[key] / self.generations for call in calls], axis=0).tolist() for key in keys
+            }
+        return means
 
     def close(self) -> None:
         self.ring.clear()
@@ -169,6 +236,16 @@ class Progress:
         elif self.enabled:
             sys.stderr.write(f"\rcalibrate: generation {generation}, step {step + 1}")
             sys.stderr.flush()
+
+    def mean_forecast_errors(self) -> dict[str, dict[str, list[float]]]:
+        """Branch path -> predictor key -> mean error per step, the maximum over the calls of a step."""
+        means = {}
+        for path, calls in self.forecast_sums.items():
+            keys = calls[0]
+            means[path] = {
+                key: np.max([call[key] / self.generations for call in calls], axis=0).tolist() for key in keys
+            }
+        return means
 
     def close(self) -> None:
         if self.bar is not None:
