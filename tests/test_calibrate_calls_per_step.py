@@ -145,8 +145,8 @@ def test_errors_round_trip_and_old_files_still_load(guided, tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown fields \['per_call'\]"):
         CalibrationErrors.from_dict({**data, "version": 1})
-    with pytest.raises(ValueError, match=r"version must be one of \[1, 2\]; got 3"):
-        CalibrationErrors.from_dict({**data, "version": 3})
+    with pytest.raises(ValueError, match=r"version must be one of \[1, 2, 3\]; got 4"):
+        CalibrationErrors.from_dict({**data, "version": 4})
 
 
 def test_resampling_keeps_the_max_over_calls(guided):
