@@ -136,3 +136,17 @@ def test_for_speedup_with_forecasting_reaches_the_target_and_runs(calibration):
     got = run_steps(smoothcache_fx.transform(copy.deepcopy(reference), schedule), tiny_call, steps)
     for a, b in zip(want, got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_plots_show_orders(calibration, tmp_path):
+    pytest.importorskip("matplotlib")
+    from smoothcache_fx.plots import plot_errors, plot_schedule
+
+    _, errors = calibration
+    schedule = Schedule.from_errors(errors, 0.05, max_order=2)
+    assert schedule.orders, "this alpha must pick an order for the plot to show it"
+    for path in (
+        plot_errors(errors, tmp_path / "e.png", alpha=0.05),
+        plot_schedule(schedule, tmp_path / "s.png"),
+    ):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
