@@ -5,6 +5,7 @@ eagerly and compiled (no graph break, no recompile), with the fused op and with 
 from __future__ import annotations
 
 import copy
+import json
 
 import models
 import pytest
@@ -123,3 +124,22 @@ def test_graph_form_refuses_forecasts_with_the_fix():
     model = smoothcache_fx.transform(models.TinyDiT(depth=1), _schedule({"attn": 1}), form="graph")
     with pytest.raises(NotImplementedError, match=r"form='graph' does not support.*max_order=0"):
         run_steps(model, tiny_call, 1)
+
+
+def test_profile_names_forecast_steps_and_reports_history_bytes(tmp_path):
+    from smoothcache_fx.passes.annotate import branch_range
+
+    model = smoothcache_fx.transform(models.TinyDiT(depth=1), _schedule({"attn": 1}))
+    trace = tmp_path / "trace.json"
+    report = smoothcache_fx.profile(model, lambda: run_steps(model, tiny_call, STEPS), trace=trace)
+    ranges = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"}
+    assert "smoothcache/blocks.0.attn forecast" in ranges and "smoothcache/blocks.0.mlp reused" in ranges
+    assert "smoothcache/blocks.0.attn reused" not in ranges
+    names = {name for step in report.steps for name in step.reused}
+    assert names == {"blocks.0.attn", "blocks.0.mlp"}
+    rows = {b.path: b for b in report.branches}
+    assert (rows["blocks.0.attn"].order, rows["blocks.0.mlp"].order) == (1, 0)
+    assert rows["blocks.0.attn"].cache_bytes == 2 * rows["blocks.0.mlp"].cache_bytes > 0
+    assert rows["blocks.0.attn"].reused == ATTN.count(0) and rows["blocks.0.attn"].reused_s > 0
+    assert "order" in str(report) and "cache KiB" in str(report)
+    assert branch_range("blocks.0", "attn", False, forecast=True) == "smoothcache/blocks.0.attn forecast"
