@@ -49,7 +49,7 @@ class Recorder:
         self.lookahead = lookahead
         self.histories = predictor_histories(max_order, lookahead)
         # Outputs a forecast reaches back to: the lag, then max_order gaps of up to lookahead + 1.
-        self.depth = lookahead + max_order * (lookahead + 1) if max_order else lookahead
+        self.depth = lookahead + max_order * (lookahead + 1)
         self.expected = steps
         self.calls_per_step = calls_per_step
         self.call = -1  # model call index within the current generation; -1 before the first call
@@ -62,8 +62,10 @@ class Recorder:
         # (branch path, call of the step) -> lag -> this generation's 0-d errors, in step order.
         self.pending: dict[tuple[str, int], list[list[torch.Tensor]]] = {}
         self.sums: dict[str, list[list[np.ndarray]]] = {}  # branch path -> call -> lag
-        # (branch path, call) -> predictor key -> this generation's (step, 0-d error); then the sums.
-        self.pending_forecast: dict[tuple[str, int], dict[str, list[tuple[int, torch.Tensor]]]] = {}
+        # (branch path, call) -> this generation's (step, predictor keys, errors [keys]); then the sums.
+        self.pending_forecast: dict[tuple[str, int], list[tuple[int, tuple[str, ...], torch.Tensor]]] = {}
+        self.stacks: dict[tuple[str, int], torch.Tensor] = {}  # the last `depth` outputs, flattened
+        self.plans: dict = {}
         self.forecast_sums: dict[str, list[dict[str, np.ndarray]]] = {}  # path -> call -> key
         self.progress = Progress(progress)
 
@@ -93,32 +95,53 @@ class Recorder:
             norm = sum(x.abs().sum() for x in current)
             lags = self.pending.setdefault((path, slot), [[] for _ in range(self.lookahead)])
             for k in range(1, min(self.lookahead, t) + 1):
-                previous = slots[(t - k) % self.depth]
+                previous = slots[(t - k) % self.lookahead]
                 diff = sum((x - p.float()).abs().sum() for x, p in zip(current, previous, strict=True))
                 lags[k - 1].append(torch.nan_to_num(diff / norm, nan=0.0, posinf=math.inf))
             if self.histories:
-                self._record_forecasts(path, slot, slots, current, norm, t)
-            for buffer, x in zip(slots[t % self.depth], tensors, strict=True):
+                self._record_forecasts(path, slot, current, norm, t)
+            for buffer, x in zip(slots[t % self.lookahead], tensors, strict=True):
                 buffer.copy_(x)
         if slot == self.calls_per_step - 1:
             self.progress.update(self.generations + 1, t)
 
-    def _record_forecasts(self, path: str, slot: int, slots, current, norm, t: int) -> None:
-        """Each history's forecast of step t against the output it computed, as a 0-d error."""
-        pending = self.pending_forecast.setdefault((path, slot), {})
-        for order, lag, gaps in self.histories:
-            nodes = history_steps(t, lag, gaps)
-            if nodes[0] < 0:
-                continue
-            weights = lagrange_weights(nodes, t)
-            diff = 0
-            for index, x in enumerate(current):
-                prediction = sum(
-                    w * slots[n % self.depth][index].float() for w, n in zip(weights, nodes, strict=True)
-                )
-                diff = diff + (prediction - x).abs().sum()
-            error = torch.nan_to_num(diff / norm, nan=0.0, posinf=math.inf)
-            pending.setdefault(predictor_key(order, lag, gaps), []).append((t, error))
+    def _record_forecasts(self, path: str, slot: int, current, norm, t: int) -> None:
+        """Every history's forecast of step t against the output it computed, as errors [H]: one
+        matrix product of the histories' weights [H, depth] with the last outputs [depth, numel]
+        (one pass over the outputs instead of one per history)."""
+        flat = torch.cat([x.reshape(-1) for x in current])
+        ring = self.stacks.get((path, slot))
+        if ring is None or ring.shape[1] != flat.numel() or ring.device != flat.device:
+            with torch.inference_mode(False):
+                ring = torch.zeros(self.depth, flat.numel(), device=flat.device)
+            self.stacks[(path, slot)] = ring
+        keys, weights = self._plan(t, flat.device)
+        if keys:
+            errors = (weights @ ring - flat).abs().sum(dim=1) / norm
+            errors = torch.nan_to_num(errors, nan=0.0, posinf=math.inf)
+            self.pending_forecast.setdefault((path, slot), []).append((t, keys, errors))
+        ring[t % self.depth].copy_(flat)
+
+    def _plan(self, t: int, device: torch.device) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The histories that fit before step t, and their weights over the ring's rows."""
+        found = self.plans.get((t, device))
+        if found is None:
+            keys, rows = [], []
+            for order, lag, gaps in self.histories:
+                nodes = history_steps(t, lag, gaps)
+                if nodes[0] < 0:
+                    continue
+                row = [0.0] * self.depth
+                for node, weight in zip(nodes, lagrange_weights(nodes, t), strict=True):
+                    row[node % self.depth] += weight
+                keys.append(predictor_key(order, lag, gaps))
+                rows.append(row)
+            found = (
+                tuple(keys),
+                torch.tensor(rows, dtype=torch.float32, device=device).reshape(len(rows), self.depth),
+            )
+            self.plans[(t, device)] = found
+        return found
 
     def _slots(self, path: str, slot: int, tensors: list[torch.Tensor], t: int) -> list[list[torch.Tensor]]:
         slots = self.ring.get((path, slot))
@@ -131,7 +154,7 @@ class Recorder:
                     "(and calls_per_step=) so generations are delimited correctly."
                 )
             with torch.inference_mode(False):  # writable later whether or not run uses inference mode
-                slots = [[torch.empty_like(x) for x in tensors] for _ in range(self.depth)]
+                slots = [[torch.empty_like(x) for x in tensors] for _ in range(self.lookahead)]
             self.ring[(path, slot)] = slots
         return slots
 
@@ -181,13 +204,14 @@ class Recorder:
         """Add this generation's predictor errors to the sums (one device sync); steps a history
         cannot reach stay inf."""
         entries = [
-            (path, slot, key, t, error)
-            for (path, slot), table in self.pending_forecast.items()
-            for key, values in table.items()
-            for t, error in values
+            (path, slot, key, t)
+            for (path, slot), records in self.pending_forecast.items()
+            for t, keys, _ in records
+            for key in keys
         ]
-        values = torch.stack([e[-1] for e in entries]).tolist() if entries else []
-        for (path, slot, key, t, _), value in zip(entries, values, strict=True):
+        tensors = [errors for records in self.pending_forecast.values() for _, _, errors in records]
+        values = torch.cat(tensors).tolist() if tensors else []
+        for (path, slot, key, t), value in zip(entries, values, strict=True):
             calls = self.forecast_sums.setdefault(path, [{} for _ in range(self.calls_per_step)])
             sums = calls[slot].setdefault(key, np.full(length, math.inf))
             sums[t] = value if math.isinf(sums[t]) and self.generations == 0 else sums[t] + value
@@ -212,6 +236,7 @@ class Recorder:
 
     def close(self) -> None:
         self.ring.clear()
+        self.stacks.clear()
         self.progress.close()
 
 
