@@ -51,14 +51,16 @@ class SharedCapture:
     compiled: dict[tuple[tuple[str, bool], ...], Callable] = field(default_factory=dict)
     calls: dict[tuple[tuple[str, bool], ...], int] = field(default_factory=dict)
     blocks: list[str] = field(default_factory=list)
-    conditionals: dict[tuple[str, ...], ConditionalBlock] = field(default_factory=dict)
+    conditionals: dict[tuple, ConditionalBlock] = field(default_factory=dict)
 
-    def conditional(self, components: tuple[str, ...]) -> ConditionalBlock:
-        """The single-graph (`torch.cond`) form for a set of scheduled components, built once."""
-        found = self.conditionals.get(components)
+    def conditional(self, components: tuple[str, ...], orders: dict[str, int]) -> ConditionalBlock:
+        """The single-graph (`torch.cond`) form for a set of scheduled components and their
+        predictor orders, built once."""
+        key = (components, tuple(sorted(orders.items())))
+        found = self.conditionals.get(key)
         if found is None:
-            found = make_conditional(self.captured.graph_module, self.branches, components)
-            self.conditionals[components] = found
+            found = make_conditional(self.captured.graph_module, self.branches, components, orders)
+            self.conditionals[key] = found
         return found
 
 
@@ -182,12 +184,16 @@ class BlockState:
             _check_grad_mode(block, self.path)
             signature, tensors = call_signature(args, kwargs)
             entry = self._entry_for(block, signature, args, kwargs)
-        conditional = entry.shared.conditional(tuple(entry.masks))
-        table = getattr(block, SCHEDULE_BUFFER)
-        flags = table.index_select(0, runtime.step_tensor()).squeeze(0)
+        conditional = entry.shared.conditional(tuple(entry.masks), entry.orders)
+        step = runtime.step_tensor()
+        flags = getattr(block, SCHEDULE_BUFFER).index_select(0, step).squeeze(0)
+        weights = [
+            getattr(block, weights_table_name(name)).index_select(0, step).squeeze(0)
+            for name, _ in conditional.orders
+        ]
         caches = [getattr(block, cache_name(index, 0)) for index in conditional.cache_indices]
         state = [table[name] for table, name in entry.state_owners]
-        flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *caches)
+        flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *weights, *caches)
         return tree_unflatten(list(flat), entry.captured.out_spec)
 
     def _entry_for(self, block, signature: CallSignature, args, kwargs) -> _Capture:
@@ -233,6 +239,8 @@ class BlockState:
         }
         if runtime.form == "graph":
             _register_schedule_table(block, entry, runtime.schedule.steps)
+            for name, rows in entry.weights.items():  # the graph form indexes them with the step
+                block.register_buffer(weights_table_name(name), torch.stack(rows), persistent=False)
 
     def _capture_shared(self, block, args, kwargs, dependencies) -> SharedCapture | None:
         """`capture_shared`, or None (with one warning per block class) when torch.export cannot
@@ -300,12 +308,6 @@ class BlockState:
             order = min(schedule.order_for(f"{self.path}.{component}"), self.runtime.max_order)
             if order and not all(mask):
                 orders[component] = order
-        if orders and self.runtime.form == "graph":
-            raise NotImplementedError(
-                f"block {self.path!r}: the schedule forecasts {sorted(orders)} (predictor orders "
-                f"{orders}), which form='graph' does not support yet. Use form='variants' (the "
-                "default), or transform with max_order=0 to reuse instead of forecasting."
-            )
         owners = _state_owners(block, shared.captured.state_names)
         return _Capture(shared, masks, dependencies, owners, orders)
 
@@ -414,6 +416,12 @@ def _state_owners(block: torch.nn.Module, names: tuple[str, ...]) -> tuple[tuple
         module = block.get_submodule(owner) if owner else block
         owners.append((module._parameters if name in module._parameters else module._buffers, name))
     return tuple(owners)
+
+
+def weights_table_name(component: str) -> str:
+    """The graph form's [steps, order + 1] forecast weights of a component (removed with the
+    schedule table: same prefix)."""
+    return f"{SCHEDULE_BUFFER}_weights_{component}"
 
 
 def cache_name(index: int, slot: int) -> str:

@@ -120,10 +120,41 @@ def test_compiled_forecast_no_graph_breaks_or_recompiles(kernel, fresh_dynamo, f
         assert torch.equal(a, b)
 
 
-def test_graph_form_refuses_forecasts_with_the_fix():
-    model = smoothcache_fx.transform(models.TinyDiT(depth=1), _schedule({"attn": 1}), form="graph")
-    with pytest.raises(NotImplementedError, match=r"form='graph' does not support.*max_order=0"):
-        run_steps(model, tiny_call, 1)
+def test_graph_form_forecasts_like_the_variants_eagerly_exported_and_compiled(
+    fresh_dynamo, forbid_recompiles
+):
+    """One graph for every step (a cond per component, forecast weights indexed by the step
+    buffer): equal to the variant form eagerly, from torch.export, and under torch.compile."""
+    torch.manual_seed(0)
+    original = models.TinyDiT(depth=2)
+    schedule = _schedule({"attn": 2, "mlp": 1})
+    expected, _ = _reference(original, schedule)
+    graph = smoothcache_fx.transform(copy.deepcopy(original), schedule, form="graph")
+    for want, have in zip(expected, run_steps(graph, tiny_call, STEPS), strict=True):
+        torch.testing.assert_close(have, want, rtol=RTOL, atol=ATOL)
+    graph.smoothcache.reset()
+    x, y = models.tiny_dit_inputs(2)
+    with torch.no_grad():
+        program = torch.export.export(graph, (x, torch.full((2,), 1), y), strict=False)
+    assert sum(n.target is torch.ops.higher_order.cond for n in program.graph.nodes) == 4
+    mutated = {
+        s.target
+        for s in program.run_decompositions().graph_signature.output_specs
+        if s.kind.name == "BUFFER_MUTATION"
+    }
+    assert "blocks.0.smoothcache_cache_0" in mutated  # the attn history, shifted in the graph
+    exported = program.module()
+    for want, have in zip(expected, run_steps(exported, tiny_call, STEPS), strict=True):
+        torch.testing.assert_close(have, want, rtol=RTOL, atol=ATOL)
+    graph.smoothcache.reset()
+    compiled = torch.compile(graph, fullgraph=True)
+    first = run_steps(compiled, tiny_call, STEPS)
+    forbid_recompiles()
+    again = run_steps(compiled, tiny_call, STEPS)
+    assert not counters["graph_break"]
+    for want, a, b in zip(expected, first, again, strict=True):
+        torch.testing.assert_close(a, want, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(b, want, rtol=RTOL, atol=ATOL)
 
 
 def test_profile_names_forecast_steps_and_reports_history_bytes(tmp_path):
