@@ -9,7 +9,10 @@ before would measure the difference between the conditional and the unconditiona
 With `max_order` > 0 the recorder also forecasts every step from every history a schedule could
 give it (`schedules.forecast.predictor_histories`) and sums the relative L1 error of each; that
 needs the last `lookahead + max_order * (lookahead + 1)` outputs per branch and call instead of
-`lookahead`.
+`lookahead`. There are 60 such histories per branch and step at lookahead 3 and order 2, so their
+errors are measured on a fixed random subset of at most `FORECAST_SAMPLE` elements of each output
+(all of them when it is smaller): on the demo DiT (outputs of 164k elements) the exact errors cost
+0.37 s per branch and step on a 2-core CPU, 7 minutes for the demo's calibration.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from smoothcache_fx.schedules.forecast import (
 )
 
 __all__ = ["Progress", "Recorder"]
+
+# Elements per branch output on which predictor errors are measured (see the module docstring): the
+# relative L1 error of a 8192-element uniform sample has a relative standard error of about 1% for
+# outputs whose elementwise errors vary by one order of magnitude.
+FORECAST_SAMPLE = 8192
 
 
 class Recorder:
@@ -66,6 +74,7 @@ class Recorder:
         self.pending_forecast: dict[tuple[str, int], list[tuple[int, tuple[str, ...], torch.Tensor]]] = {}
         self.stacks: dict[tuple[str, int], torch.Tensor] = {}  # the last `depth` outputs, flattened
         self.plans: dict = {}
+        self.samples: dict = {}
         self.forecast_sums: dict[str, list[dict[str, np.ndarray]]] = {}  # path -> call -> key
         self.progress = Progress(progress)
 
@@ -110,6 +119,13 @@ class Recorder:
         matrix product of the histories' weights [H, depth] with the last outputs [depth, numel]
         (one pass over the outputs instead of one per history)."""
         flat = torch.cat([x.reshape(-1) for x in current])
+        if flat.numel() > FORECAST_SAMPLE:
+            key = (flat.numel(), flat.device)
+            if key not in self.samples:  # one fixed subset per output size, the same at every step
+                chosen = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))
+                self.samples[key] = chosen[:FORECAST_SAMPLE].sort().values.to(flat.device)
+            flat = flat.index_select(0, self.samples[key])
+            norm = flat.abs().sum()
         ring = self.stacks.get((path, slot))
         if ring is None or ring.shape[1] != flat.numel() or ring.device != flat.device:
             with torch.inference_mode(False):
