@@ -57,8 +57,11 @@ def block_range(path: str) -> str:
     return f"{RANGE_PREFIX}{path}"
 
 
-def branch_range(path: str, component: str, computed: bool) -> str:
-    return f"{RANGE_PREFIX}{path}.{component} {'computed' if computed else 'reused'}"
+def branch_range(path: str, component: str, computed: bool, forecast: bool = False) -> str:
+    """A branch's range name: `computed`, `reused`, or `forecast` for a skipped branch of a
+    component with a predictor order (the trace names what a skipped step ran)."""
+    kind = "computed" if computed else "forecast" if forecast else "reused"
+    return f"{RANGE_PREFIX}{path}.{component} {kind}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class BranchRegion:
     component: str
     computed: bool
     nodes: tuple[str, ...]
+    forecast: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,8 @@ def branch_regions(graph: Graph, variant: SpecialisedBlock, branches: BlockBranc
         if computed:
             region.update(exclusive_nodes(graph, values))
         ordered = tuple(node.name for node in graph.nodes if node in region)
-        regions.append(BranchRegion(component, computed, ordered))
+        forecast = not computed and component in dict(variant.orders)
+        regions.append(BranchRegion(component, computed, ordered, forecast))
     return regions
 
 
@@ -193,7 +198,7 @@ def annotate_block(variant: SpecialisedBlock, branches: BlockBranches, path: str
     nodes = {node.name: node for node in graph.nodes}
     for region in regions:
         first, last = nodes[region.nodes[0]], nodes[region.nodes[-1]]
-        _wrap(graph, first, last, branch_range(path, region.component, region.computed))
+        _wrap(graph, first, last, branch_range(path, region.component, region.computed, region.forecast))
     body = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
     if body:
         _wrap(graph, body[0], body[-1], block_range(path))
@@ -237,12 +242,13 @@ def add_split_ranges(split: AnnotatedBlock, path: str, submodules: dict[str, tor
     graph = Graph()
     graph.output(graph.graph_copy(split.graph_module.graph, {}))
     computed = {region.component: region.computed for region in split.regions}
+    forecast = {region.component: region.forecast for region in split.regions}
     component_of = dict(split.segments)
     calls = [node for node in graph.nodes if node.op == "call_module"]
     for call in calls:
         component = component_of[call.target]
         if component is not None:
-            _wrap(graph, call, call, branch_range(path, component, computed[component]))
+            _wrap(graph, call, call, branch_range(path, component, computed[component], forecast[component]))
     if calls:
         body = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
         _wrap(graph, body[0], body[-1], block_range(path))

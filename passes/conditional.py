@@ -10,6 +10,13 @@ the block used.
 
 The rewritten graph takes the captured graph's inputs, then `flags` (a bool tensor with one entry
 per scheduled component, in `ConditionalBlock.components` order), then one cache per site.
+
+A component with a predictor order (`orders`) keeps a history `[k + 1, *shape]` instead of a cache
+and takes a `weights` input `[k + 1]` (after `flags`, one per such component in component order):
+the false branch of its `cond` returns the forecast `sum_i weights[i] * history[i]`, the residual
+update outside the `cond` is the pure `gated_residual_add`, and the history is shifted by plain ops
+selected with the flag (`where(flag, shifted, history)`, written back with `copy_`). That reads and
+writes the history at every step, skipped or not: a graph cannot mutate only under a `cond`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
 from smoothcache_fx.passes.narrow import split_linears_by_chunk
 
 GATED_RESIDUAL_ADD_AND_CACHE = torch.ops.smoothcache_fx.gated_residual_add_and_cache.default
+GATED_RESIDUAL_ADD = torch.ops.smoothcache_fx.gated_residual_add.default
 
 
 @dataclass(frozen=True)
@@ -38,11 +46,16 @@ class ConditionalBlock:
     cache_sites: tuple[ResidualSite, ...]
     cache_indices: tuple[int, ...]  # position of each cache site in BlockBranches.sites
     rewritten: int
+    orders: tuple[tuple[str, int], ...] = ()  # (component, order) of the forecast components
 
 
-def make_conditional(graph_module: GraphModule, branches: BlockBranches, components) -> ConditionalBlock:
-    """Return a new GraphModule with one `cond` per component in `components`; the input is kept."""
+def make_conditional(
+    graph_module: GraphModule, branches: BlockBranches, components, orders=None
+) -> ConditionalBlock:
+    """Return a new GraphModule with one `cond` per component in `components`; the input is kept.
+    `orders`: component -> predictor order of its skipped steps (absent or 0: reuse)."""
     components = tuple(c for c in branches.components if c in set(components))
+    orders = {c: o for c, o in (orders or {}).items() if o and c in components}
     graph = Graph()
     graph.output(graph.graph_copy(graph_module.graph, {}))
     root = torch.nn.Module()
@@ -58,26 +71,39 @@ def make_conditional(graph_module: GraphModule, branches: BlockBranches, compone
         anchor = graph.placeholder("flags")
         anchor.meta["val"] = torch.empty(len(components), dtype=torch.bool)
         flags = anchor
+        weights = {}
+        for component in components:
+            if component in orders:
+                with graph.inserting_after(anchor):
+                    weights[component] = anchor = graph.placeholder(f"weights_{component}")
+                anchor.meta["val"] = torch.empty(orders[component] + 1, dtype=torch.float32)
         for site in cache_sites:
             with graph.inserting_after(anchor):
                 cache = graph.placeholder(f"cache_{site.component}_{len(caches)}")
-            cache.meta["val"] = nodes[site.branch].meta["val"]
+            value = nodes[site.branch].meta["val"]
+            order = orders.get(site.component, 0)
+            cache.meta["val"] = value.new_empty((order + 1, *value.shape)) if order else value
             caches.append(cache)
             anchor = cache
 
     for index, component in enumerate(components):
         sites = [s for s in cache_sites if s.component == component]
         site_caches = [caches[cache_sites.index(s)] for s in sites]
-        chosen = _wrap_in_cond(graph, root, nodes, flags, index, component, sites, site_caches)
+        chosen, pred = _wrap_in_cond(
+            graph, root, nodes, flags, index, component, sites, site_caches, weights.get(component)
+        )
         for site, cache, value in zip(sites, site_caches, chosen, strict=True):
-            _fuse(graph, nodes, site, value, cache)
+            if component in orders:
+                _fuse_forecast(graph, nodes, site, value, cache, pred)
+            else:
+                _fuse(graph, nodes, site, value, cache)
 
     graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
     gm = GraphModule(root, graph, class_name="ConditionalBlock")
     gm.graph.lint()
     gm.recompile()
     indices = tuple(branches.sites.index(site) for site in cache_sites)
-    return ConditionalBlock(gm, components, cache_sites, indices, len(cache_sites))
+    return ConditionalBlock(gm, components, cache_sites, indices, len(cache_sites), tuple(orders.items()))
 
 
 def exclusive_nodes(graph: Graph, outputs: list[Node]) -> list[Node]:
@@ -109,7 +135,9 @@ def _has_side_effects(node: Node) -> bool:
     return node.op == "call_function" and node.is_impure(impure_random=False)
 
 
-def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches) -> list[Node]:
+def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches, weights=None):
+    """Move `component`'s exclusive work into a cond; returns its per-site values and the predicate.
+    The false branch copies the caches, or forecasts from the histories when `weights` is given."""
     outputs = [nodes[site.branch] for site in sites]
     # A getitem of a multi-output node outside the body stays outside: cond operands are tensors.
     exclusive = exclusive_nodes(graph, outputs)
@@ -117,8 +145,9 @@ def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches) ->
     body = [n for n in exclusive if not (n.target is operator.getitem and n.args[0] not in exclusive_set)]
     body_set = set(body)
     operands = list(dict.fromkeys(n for node in body for n in node.all_input_nodes if n not in body_set))
-    true_gm = _subgraph(body, operands, outputs, caches)
-    false_gm = _cache_copy(operands, caches)
+    extra = [] if weights is None else [weights]
+    true_gm = _subgraph(body, operands, outputs, [*caches, *extra])
+    false_gm = _cache_copy(operands, caches) if weights is None else _forecast(operands, caches, outputs)
     root.register_module(f"{component}_compute", true_gm)
     root.register_module(f"{component}_reuse", false_gm)
 
@@ -135,7 +164,7 @@ def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches) ->
         pred.meta["val"] = torch.empty((), dtype=torch.bool)
         true_attr = graph.get_attr(f"{component}_compute")
         false_attr = graph.get_attr(f"{component}_reuse")
-        result = graph.call_function(COND, (pred, true_attr, false_attr, (*operands, *caches)))
+        result = graph.call_function(COND, (pred, true_attr, false_attr, (*operands, *caches, *extra)))
         result.meta["val"] = tuple(out.meta["val"] for out in outputs)
         chosen = []
         for position, out in enumerate(outputs):
@@ -146,7 +175,7 @@ def _wrap_in_cond(graph, root, nodes, flags, index, component, sites, caches) ->
         out.replace_all_uses_with(item)
     for node in reversed(body):
         graph.erase_node(node)
-    return chosen
+    return chosen, pred
 
 
 def _unaliased(graph: Graph, node: Node) -> Node:
@@ -197,6 +226,56 @@ def _cache_copy(operands: list[Node], caches: list[Node]) -> GraphModule:
         outs.append(graph.call_function(torch.ops.aten.clone.default, (placeholder,)))
     graph.output(tuple(outs))
     return GraphModule(torch.nn.Module(), graph)
+
+
+def _forecast(operands: list[Node], histories: list[Node], outputs: list[Node]) -> GraphModule:
+    """The skip branch of a forecast component: `sum_i weights[i] * history[i]` per site, summed in
+    fp32 and rounded once to the branch's dtype (`gated_residual_forecast_reference`)."""
+    graph = Graph()
+    for node in operands:
+        graph.placeholder(node.name)
+    placeholders = [graph.placeholder(history.name) for history in histories]
+    weights = graph.placeholder("weights")
+    aten = torch.ops.aten
+    outs = []
+    for history, placeholder, out in zip(histories, placeholders, outputs, strict=True):
+        prediction = None
+        for i in range(history.meta["val"].shape[0]):
+            weight = graph.call_function(aten.select.int, (weights, 0, i))
+            past = graph.call_function(aten.select.int, (placeholder, 0, i))
+            past = graph.call_function(aten._to_copy.default, (past,), {"dtype": torch.float32})
+            term = graph.call_function(aten.mul.Tensor, (weight, past))
+            prediction = (
+                term if prediction is None else graph.call_function(aten.add.Tensor, (prediction, term))
+            )
+        outs.append(
+            graph.call_function(aten._to_copy.default, (prediction,), {"dtype": out.meta["val"].dtype})
+        )
+    graph.output(tuple(outs))
+    return GraphModule(torch.nn.Module(), graph)
+
+
+def _fuse_forecast(
+    graph: Graph, nodes: dict, site: ResidualSite, value: Node, history: Node, pred: Node
+) -> None:
+    """The residual update of a forecast site, and the history shifted where the branch computed."""
+    add = nodes[site.add]
+    gate = None if site.gate is None else nodes[site.gate]
+    aten = torch.ops.aten
+    slots = history.meta["val"].shape[0]
+    with graph.inserting_before(add):
+        fused = graph.call_function(GATED_RESIDUAL_ADD, (nodes[site.residual], value, gate))
+        newest = graph.call_function(aten.unsqueeze.default, (value, 0))
+        older = graph.call_function(aten.slice.Tensor, (history, 0, 1, slots))
+        shifted = graph.call_function(aten.cat.default, ([older, newest], 0))
+        kept = graph.call_function(aten.where.self, (pred, shifted, history))
+        graph.call_function(aten.copy_.default, (history, kept))
+    fused.meta = copy.copy(add.meta)
+    add.replace_all_uses_with(fused)
+    graph.erase_node(add)
+    nodes[site.add] = fused
+    if site.mul is not None and not nodes[site.mul].users:
+        graph.erase_node(nodes[site.mul])
 
 
 def _fuse(graph: Graph, nodes: dict, site: ResidualSite, value: Node, cache: Node) -> None:

@@ -16,6 +16,11 @@ conditional and an unconditional call). Call c of a step is only ever compared w
 earlier steps (each call has caches of its own, `transform(..., calls_per_step=N)`), so the errors
 are kept per call in `per_call`; `errors` holds their per-step maximum, because one mask serves
 every call of a step.
+
+With `calibrate(..., max_order=k)` the errors also hold, in `forecast`, the relative L1 error of
+forecasting each step from earlier outputs with predictor orders 1..k, for every history a schedule
+can give the forecast (see `smoothcache_fx.schedules.forecast`): what `from_errors` needs to choose
+an order per branch.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .forecast import parse_predictor_key
 from .json_file import read_json_object
 from .normalised_time import interpolate
 from .normalised_time import positions as normalised_positions
@@ -40,9 +46,10 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "smoothcache_fx.calibration_errors"
 # Version 2 added `per_call` (written only when there is more than one call per step); version-1
-# files are single-call errors and still load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# files are single-call errors and still load. Version 3 added `forecast` (written only when
+# calibrated with max_order > 0).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 _FIELDS = (
     "steps",
     "lookahead",
@@ -53,6 +60,7 @@ _FIELDS = (
     "model_class",
     "metadata",
     "per_call",
+    "forecast",
 )
 
 
@@ -77,6 +85,10 @@ class CalibrationErrors:
         per_call: branch path -> call of the step (0..calls_per_step-1) -> lag -> step values,
             each call compared only with the same call of earlier steps. None (the default): one
             call per step, whose errors are `errors`.
+        forecast: branch path -> predictor key ("order/lag/gap[/gap]", `forecast.predictor_key`)
+            -> one error per step t: forecasting L_t with that order from the outputs of the
+            history the key names, |prediction - L_t|_1 / |L_t|_1 (inf where the history would
+            start before step 0); the maximum over the calls of a step. Empty: reuse only.
 
     Example::
 
@@ -94,6 +106,7 @@ class CalibrationErrors:
     model_class: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
     per_call: Mapping[str, tuple[tuple[tuple[float, ...], ...], ...]] | None = None
+    forecast: Mapping[str, Mapping[str, tuple[float, ...]]] | None = None
 
     @classmethod
     def from_calls(
@@ -141,6 +154,48 @@ class CalibrationErrors:
         object.__setattr__(self, "per_call", types.MappingProxyType(per_call))
         object.__setattr__(self, "flops", types.MappingProxyType(flops))
         object.__setattr__(self, "metadata", types.MappingProxyType(_json_copy(self.metadata)))
+        object.__setattr__(self, "forecast", types.MappingProxyType(self._forecast(curves)))
+
+    def _forecast(self, curves: dict[str, tuple]) -> dict[str, dict[str, tuple[float, ...]]]:
+        """Validated `forecast`: known branch paths, predictor keys, one non-negative value per step."""
+        if self.forecast is None:
+            return {}
+        if not isinstance(self.forecast, Mapping):
+            raise TypeError(
+                f"forecast must be a mapping of branch paths; got {type(self.forecast).__name__}."
+            )
+        checked = {}
+        for path in sorted(self.forecast):
+            if path not in curves:
+                raise ValueError(
+                    f"forecast names {path!r}, which has no error curves; drop it or add its curves."
+                )
+            table = {}
+            for key, values in sorted(dict(self.forecast[path]).items()):
+                parse_predictor_key(key)
+                values = tuple(float(v) for v in values)
+                if len(values) != self.steps or any(math.isnan(v) or v < 0 for v in values):
+                    raise ValueError(
+                        f"forecast[{path!r}][{key!r}] must hold one non-negative error per step "
+                        f"({self.steps}); got {len(values)} values {list(values)[:4]}..."
+                    )
+                table[key] = values
+            checked[path] = table
+        return checked
+
+    @property
+    def max_order(self) -> int:
+        """The highest predictor order with recorded errors (0: reuse only)."""
+        return max((parse_predictor_key(k)[0] for table in self.forecast.values() for k in table), default=0)
+
+    def predictor_errors(self, key: str) -> dict[str, np.ndarray]:
+        """Predictor key -> errors per step for a branch path, or a component averaged over its
+        blocks (as `curve`)."""
+        paths = (key,) if key in self.errors else self.branches_of(key)
+        if not paths or any(path not in self.forecast for path in paths):
+            return {}
+        keys = self.forecast[paths[0]]
+        return {k: np.mean([self.forecast[path][k] for path in paths], axis=0) for k in keys}
 
     def _curves(self, path: Any, value: Any, label: str = "") -> tuple[tuple[float, ...], ...]:
         if not isinstance(path, str) or "." not in path:
@@ -338,6 +393,10 @@ class CalibrationErrors:
             "resampled_from_steps": self.metadata.get("resampled_from_steps", self.steps),
             "resampled_lags": lags,
         }
+        # Predictor errors depend on the exact step spacing of each history: not resampled, so
+        # schedules from resampled errors reuse (calibrate at the step count to forecast).
+        if self.forecast:
+            metadata["forecast_dropped"] = "predictor errors are not resampled"
         fields = {
             "flops": dict(self.flops),
             "total_flops": self.total_flops,
@@ -374,7 +433,11 @@ class CalibrationErrors:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data in the versioned ``smoothcache_fx.calibration_errors`` format;
         ``per_call`` only with several calls per step (with one it would repeat ``errors``)."""
-        names = _FIELDS if self.calls_per_step > 1 else tuple(n for n in _FIELDS if n != "per_call")
+        names = tuple(
+            n
+            for n in _FIELDS
+            if (n != "per_call" or self.calls_per_step > 1) and (n != "forecast" or self.forecast)
+        )
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -395,7 +458,11 @@ class CalibrationErrors:
                 f"calibration errors version must be one of {list(READABLE_VERSIONS)}; got {version!r}. "
                 "Re-run smoothcache_fx.calibrate with this version."
             )
-        fields = set(_FIELDS) - ({"per_call"} if version == 1 else set())
+        fields = (
+            set(_FIELDS)
+            - ({"per_call"} if version == 1 else set())
+            - ({"forecast"} if version < 3 else set())
+        )
         missing = sorted({"steps", "lookahead", "errors"} - set(data))
         unknown = sorted(set(data) - fields - {"format", "version"})
         if missing or unknown:

@@ -12,8 +12,13 @@ Keys come in three forms, from least to most specific:
 * a per-block key in the Roblox/SmoothCache style, ``"attn1-3"``: component ``attn1`` of block 3;
 * a full module path, ``"transformer_blocks.3.attn1"``: exactly that branch.
 
-Two file formats load: the bare JSON object published with Roblox/SmoothCache (key -> 0/1 list),
-and our own versioned envelope written by :meth:`Schedule.save`.
+A key may also carry a predictor order (``orders``): what a skipped step of its branches uses.
+0 (the default) reuses the last computed output; 1 and 2 extrapolate the last two or three computed
+outputs in step index (``smoothcache_fx.schedules.forecast``).
+
+Two file formats load: the bare JSON object published with Roblox/SmoothCache (key -> 0/1 list,
+every order 0), and our own versioned envelope written by :meth:`Schedule.save` (version 1 files,
+from before orders, load with every order 0).
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_from_errors
+from .forecast import check_order
+from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_and_orders
 from .json_file import read_json_object
 from .normalised_time import interpolate, positions
 
 FORMAT_NAME = "smoothcache_fx.schedule"
-FORMAT_VERSION = 1
-_ENVELOPE_FIELDS = frozenset({"format", "version", "steps", "masks", "metadata"})
+# Version 2 added `orders`; version 1 files load with every order 0.
+FORMAT_VERSION = 2
+_ENVELOPE_FIELDS = frozenset({"format", "version", "steps", "masks", "metadata", "orders"})
 _EXAMPLE = "{'attn1': [1, 0, 1, ...], 'ff': [1, 1, 0, ...]}"
 
 
@@ -51,6 +58,9 @@ class Schedule:
         steps: number of denoising steps; every mask has exactly this many entries.
         masks: key -> one 0/1 (or bool) per step. Step 0 must compute: the cache is empty then.
         metadata: free-form JSON-serialisable notes (model, solver, alpha, lookahead, generator...).
+        orders: key -> predictor order of a skipped step (0 reuse, 1 linear, 2 quadratic
+            extrapolation in step index); every key must be a mask key; keys left out are 0, and
+            order-0 entries are dropped so that equal behaviour compares equal.
 
     Example::
 
@@ -64,10 +74,12 @@ class Schedule:
     steps: int
     masks: Mapping[str, tuple[int, ...]]
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    orders: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate_steps(self.steps)
         masks = _validate_masks(self.masks)
+        orders = _validate_orders(self.orders, masks)
         lengths: dict[int, list[str]] = {}
         for key, mask in masks.items():
             lengths.setdefault(len(mask), []).append(key)
@@ -91,14 +103,15 @@ class Schedule:
                 "Set the first entry of these masks to 1."
             )
         object.__setattr__(self, "masks", types.MappingProxyType(masks))
+        object.__setattr__(self, "orders", types.MappingProxyType(orders))
         object.__setattr__(self, "metadata", types.MappingProxyType(_validate_metadata(self.metadata)))
 
     # Frozen dataclass plumbing: MappingProxyType is neither hashable nor picklable.
     def __hash__(self) -> int:
-        return hash((self.steps, tuple(self.masks.items())))
+        return hash((self.steps, tuple(self.masks.items()), tuple(self.orders.items())))
 
     def __reduce__(self):
-        return (type(self), (self.steps, dict(self.masks), dict(self.metadata)))
+        return (type(self), (self.steps, dict(self.masks), dict(self.metadata), dict(self.orders)))
 
     def __repr__(self) -> str:
         fractions = self.compute_fraction
@@ -110,7 +123,8 @@ class Schedule:
             mean = sum(values) / len(values)
             compute = f"{mean:.2f} (min {min(values):.2f}, max {max(values):.2f})"
             keys = f"{len(values)} [{self.keys[0]!r}, {self.keys[1]!r}, ..., {self.keys[-1]!r}]"
-        return f"Schedule(steps={self.steps}, keys={keys}, compute_fraction={compute})"
+        orders = f", orders={dict(self.orders)}" if self.orders else ""
+        return f"Schedule(steps={self.steps}, keys={keys}, compute_fraction={compute}{orders})"
 
     # ------------------------------------------------------------------ queries
 
@@ -154,6 +168,23 @@ class Schedule:
     def components(self) -> tuple[str, ...]:
         """The components the keys name, sorted: `attn` for `attn`, `attn-3` and `blocks.3.attn`."""
         return tuple(sorted({component_of(key) for key in self.masks}))
+
+    def order_for(self, branch_path: str) -> int:
+        """The predictor order of the branch at ``branch_path``'s skipped steps (0: plain reuse).
+
+        Decided by the same key as its mask (see :meth:`key_for`).
+
+        Example::
+
+            >>> Schedule(3, {"attn": [1, 0, 0], "attn-2": [1, 0, 1]}, orders={"attn": 1}).order_for("blocks.1.attn")
+            1
+        """
+        key = self.key_for(branch_path)
+        return 0 if key is None else self.orders.get(key, 0)
+
+    def with_orders(self, orders: Mapping[str, int]) -> Schedule:
+        """A copy with these predictor orders (key -> order) in place of the current ones."""
+        return dataclasses.replace(self, orders=orders)
 
     def computes(self, branch_path: str, step: int) -> bool:
         """Whether the branch at ``branch_path`` computes at ``step`` (True when no key applies)."""
@@ -209,13 +240,14 @@ class Schedule:
                     f"renames {dict(components)}. Rename to distinct components, or drop one key first."
                 )
             renamed[new] = mask
+        orders = {_renamed_key(key, components): order for key, order in self.orders.items()}
         unused = sorted(set(components) - used)
         if unused:
             raise ValueError(
                 f"rename names components {unused} that no schedule key has; the keys are "
                 f"{list(self.masks)}. Check the spelling, or leave those out of the mapping."
             )
-        return dataclasses.replace(self, masks=renamed)
+        return dataclasses.replace(self, masks=renamed, orders=orders)
 
     def resample(self, steps: int) -> Schedule:
         """This schedule for another step count (this one is unchanged), every key kept.
@@ -243,7 +275,8 @@ class Schedule:
             for key, mask in self.masks.items()
         }
         original = self.metadata.get("resampled_from_steps", self.steps)
-        return Schedule(steps, masks, {**self.metadata, "resampled_from_steps": original})
+        # A predictor order is per key, not per step: it carries over as it is.
+        return Schedule(steps, masks, {**self.metadata, "resampled_from_steps": original}, orders=self.orders)
 
     # ------------------------------------------------------------------ generators
 
@@ -286,7 +319,9 @@ class Schedule:
         return cls(steps, {key: mask for key in keys}, {"generator": "uniform", "interval": interval})
 
     @classmethod
-    def from_errors(cls, errors, alpha: float, per_block: bool = False, steps: int | None = None) -> Schedule:
+    def from_errors(
+        cls, errors, alpha: float, per_block: bool = False, steps: int | None = None, max_order: int = 0
+    ) -> Schedule:
         """The SmoothCache schedule: reuse wherever the calibrated error stays within ``alpha``.
 
         Scans each component's block-averaged e_k curves (or each branch's with
@@ -301,6 +336,9 @@ class Schedule:
             alpha: error budget >= 0; larger reuses more.
             per_block: one mask per block and component instead of one per component.
             steps: schedule length; default the calibrated one.
+            max_order: also consider forecasting skipped steps with predictor orders up to this
+                (errors from ``calibrate(..., max_order=...)``); each key gets the order whose scan
+                computes least, recorded in ``orders``.
 
         Example::
 
@@ -308,16 +346,18 @@ class Schedule:
             schedule = Schedule.from_errors(errors, alpha=0.18)
         """
         errors = errors_at(errors, steps)
-        masks = masks_from_errors(errors, alpha, per_block)
+        masks, orders = masks_and_orders(errors, alpha, per_block, max_order)
         metadata = errors_metadata(errors, "from_errors", per_block, alpha=float(alpha))
-        schedule = cls(errors.steps, masks, metadata)
+        if max_order:
+            metadata["max_order"] = max_order
+        schedule = cls(errors.steps, masks, metadata, orders)
         if errors.total_flops:
             schedule = schedule.with_metadata(ideal_speedup=errors.ideal_speedup(schedule))
         return schedule
 
     @classmethod
     def for_speedup(
-        cls, errors, target: float, per_block: bool = False, steps: int | None = None
+        cls, errors, target: float, per_block: bool = False, steps: int | None = None, max_order: int = 0
     ) -> Schedule:
         """The :meth:`from_errors` schedule with the smallest alpha whose FLOP-derived ideal speed-up
         reaches ``target``; metadata records ``alpha``, ``target`` and the ``ideal_speedup`` reached.
@@ -329,8 +369,8 @@ class Schedule:
             schedule = Schedule.for_speedup(errors, target=1.8)
         """
         errors = errors_at(errors, steps)
-        alpha = alpha_for_speedup(errors, target, per_block)
-        schedule = cls.from_errors(errors, alpha, per_block=per_block)
+        alpha = alpha_for_speedup(errors, target, per_block, max_order)
+        schedule = cls.from_errors(errors, alpha, per_block=per_block, max_order=max_order)
         return schedule.with_metadata(generator="for_speedup", target=target)
 
     # ------------------------------------------------------------------ I/O
@@ -342,6 +382,7 @@ class Schedule:
             "version": FORMAT_VERSION,
             "steps": self.steps,
             "masks": {key: list(mask) for key, mask in self.masks.items()},
+            "orders": dict(self.orders),
             "metadata": json.loads(json.dumps(dict(self.metadata))),
         }
 
@@ -349,8 +390,9 @@ class Schedule:
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
         """Build a schedule from either on-disk format, as parsed JSON.
 
-        * Ours (has ``"format"``): ``{"format": "smoothcache_fx.schedule", "version": 1,
-          "steps": N, "masks": {...}, "metadata": {...}}``.
+        * Ours (has ``"format"``): ``{"format": "smoothcache_fx.schedule", "version": 2,
+          "steps": N, "masks": {...}, "orders": {...}, "metadata": {...}}``; version 1 has no
+          ``orders`` (every order 0).
         * Roblox/SmoothCache: the bare mapping ``{"attn": [1, 0, ...], "mlp": [...]}``; steps is
           the mask length.
         """
@@ -376,14 +418,16 @@ class Schedule:
                 f"reads); got {version!r}. A newer version was written by a newer smoothcache_fx: "
                 "upgrade, or re-save the schedule with this one."
             )
-        unknown = sorted(set(data) - _ENVELOPE_FIELDS)
+        fields = _ENVELOPE_FIELDS if version >= 2 else _ENVELOPE_FIELDS - {"orders"}
+        unknown = sorted(set(data) - fields)
         missing = sorted({"steps", "masks"} - set(data))
         if unknown or missing:
+            optional = "metadata and orders" if version >= 2 else "metadata"
             raise ValueError(
-                f"a version-{version} schedule must have the fields steps, masks and optionally metadata; "
+                f"a version-{version} schedule must have the fields steps, masks and optionally {optional}; "
                 f"got unknown {unknown} and missing {missing}. Fix the field names."
             )
-        return cls(data["steps"], data["masks"], data.get("metadata", {}))
+        return cls(data["steps"], data["masks"], data.get("metadata", {}), data.get("orders", {}))
 
     @classmethod
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Schedule:
@@ -426,6 +470,7 @@ class Schedule:
             f'  "version": {FORMAT_VERSION},\n'
             f'  "steps": {self.steps},\n'
             f'  "masks": {{\n{masks}\n  }},\n'
+            f'  "orders": {json.dumps(data["orders"])},\n'
             f'  "metadata": {metadata}\n'
             "}\n"
         )
@@ -552,6 +597,20 @@ def _validate_masks(masks: Any) -> dict[str, tuple[int, ...]]:
     for key in masks:
         _validate_key(key)
     return {key: _validate_mask(key, masks[key]) for key in sorted(masks)}
+
+
+def _validate_orders(orders: Any, masks: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Key -> order in [0, MAX_ORDER], each key a mask key; order 0 entries dropped (the default)."""
+    if not isinstance(orders, Mapping):
+        raise TypeError(f"orders must be a mapping of key -> predictor order; got {type(orders).__name__}.")
+    unknown = sorted(key for key in orders if key not in masks)
+    if unknown:
+        raise ValueError(
+            f"orders must name keys of the masks; got {unknown}, not among {list(masks)}. A predictor "
+            "order applies to the branches its mask key decides: add the mask, or key the order like it."
+        )
+    checked = {key: check_order(orders[key], f"orders[{key!r}]") for key in sorted(orders)}
+    return {key: order for key, order in checked.items() if order}
 
 
 def _validate_metadata(metadata: Any) -> dict[str, Any]:

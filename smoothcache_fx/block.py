@@ -26,6 +26,7 @@ from smoothcache_fx.passes.capture import (
 )
 from smoothcache_fx.passes.conditional import ConditionalBlock, make_conditional
 from smoothcache_fx.passes.specialise import SpecialisedBlock, specialise_block
+from smoothcache_fx.schedules.forecast import weight_table
 
 if TYPE_CHECKING:
     from smoothcache_fx.runtime import SmoothCacheRuntime
@@ -50,25 +51,31 @@ class SharedCapture:
     compiled: dict[tuple[tuple[str, bool], ...], Callable] = field(default_factory=dict)
     calls: dict[tuple[tuple[str, bool], ...], int] = field(default_factory=dict)
     blocks: list[str] = field(default_factory=list)
-    conditionals: dict[tuple[str, ...], ConditionalBlock] = field(default_factory=dict)
+    conditionals: dict[tuple, ConditionalBlock] = field(default_factory=dict)
 
-    def conditional(self, components: tuple[str, ...]) -> ConditionalBlock:
-        """The single-graph (`torch.cond`) form for a set of scheduled components, built once."""
-        found = self.conditionals.get(components)
+    def conditional(self, components: tuple[str, ...], orders: dict[str, int]) -> ConditionalBlock:
+        """The single-graph (`torch.cond`) form for a set of scheduled components and their
+        predictor orders, built once."""
+        key = (components, tuple(sorted(orders.items())))
+        found = self.conditionals.get(key)
         if found is None:
-            found = make_conditional(self.captured.graph_module, self.branches, components)
-            self.conditionals[components] = found
+            found = make_conditional(self.captured.graph_module, self.branches, components, orders)
+            self.conditionals[key] = found
         return found
 
 
 @dataclass
 class _Capture:
-    """One call signature of one block: the shared graph plus this block's schedule masks."""
+    """One call signature of one block: the shared graph plus this block's schedule masks, the
+    predictor orders of its forecast components and their per-step weights ([order + 1] fp32
+    tensors on the block's device, one per step, built once per capture)."""
 
     shared: SharedCapture
     masks: dict[str, tuple[bool, ...]]
     dependencies: CaptureDependencies
     state_owners: tuple[tuple[dict, str], ...] = ()
+    orders: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
     def captured(self) -> CapturedBlock:
@@ -96,6 +103,7 @@ class BlockState:
         self.last_call: tuple[int, int, int] | None = None
         self.computed: dict[str, int] = {}
         self.reused: dict[str, int] = {}
+        self.forecast: dict[str, int] = {}
         # Why this block cannot be captured (it then runs as the model wrote it), or None.
         self.uncapturable: str | None = None
 
@@ -138,15 +146,19 @@ class BlockState:
         if runtime.tools.annotator is not None:  # only inside smoothcache_fx.profile()
             run_graph = runtime.tools.annotator(self.path, entry.shared, variant, tensors)
         caches = self._caches(block, variant)
+        weights = [entry.weights[site.component][runtime.step] for site in variant.forecast_sites]
         state = [table[name] for table, name in entry.state_owners]
-        flat = run_graph(*state, *entry.captured.constants, *tensors, *caches)
+        flat = run_graph(*state, *entry.captured.constants, *tensors, *weights, *caches)
         self.count(compute)
         return tree_unflatten(list(flat), entry.captured.out_spec)
 
     def count(self, compute: dict[str, bool]) -> None:
-        """Count one call's computed and reused branches (unscheduled branches always compute)."""
-        for name in self.current.branches.components:
-            counter = self.computed if compute.get(name, True) else self.reused
+        """Count one call's computed, forecast and reused branches (unscheduled branches always
+        compute)."""
+        entry = self.current
+        for name in entry.branches.components:
+            on = compute.get(name, True)
+            counter = self.computed if on else self.forecast if name in entry.orders else self.reused
             counter[name] = counter.get(name, 0) + 1
 
     def count_step(self, step: int) -> None:
@@ -182,12 +194,16 @@ class BlockState:
             _check_grad_mode(block, self.path)
             signature, tensors = call_signature(args, kwargs)
             entry = self._entry_for(block, signature, args, kwargs)
-        conditional = entry.shared.conditional(tuple(entry.masks))
-        table = getattr(block, SCHEDULE_BUFFER)
-        flags = table.index_select(0, runtime.step_tensor()).squeeze(0)
+        conditional = entry.shared.conditional(tuple(entry.masks), entry.orders)
+        step = runtime.step_tensor()
+        flags = getattr(block, SCHEDULE_BUFFER).index_select(0, step).squeeze(0)
+        weights = [
+            getattr(block, weights_table_name(name)).index_select(0, step).squeeze(0)
+            for name, _ in conditional.orders
+        ]
         caches = [getattr(block, cache_name(index, 0)) for index in conditional.cache_indices]
         state = [table[name] for table, name in entry.state_owners]
-        flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *caches)
+        flat = conditional.graph_module(*state, *entry.captured.constants, *tensors, flags, *weights, *caches)
         if not torch.compiler.is_compiling():
             self.count_step(runtime.step)
         return tree_unflatten(list(flat), entry.captured.out_spec)
@@ -225,8 +241,18 @@ class BlockState:
         _allocate_caches(
             block, entry, static=runtime.compile_config.uses_cuda_graphs, slots=runtime.calls_per_step
         )
+        device = entry.captured.signature.tensors[0][2] if entry.captured.signature.tensors else None
+        entry.weights = {
+            name: [
+                torch.tensor(row, dtype=torch.float32, device=device)
+                for row in weight_table(entry.masks[name], order)
+            ]
+            for name, order in entry.orders.items()
+        }
         if runtime.form == "graph":
             _register_schedule_table(block, entry, runtime.schedule.steps)
+            for name, rows in entry.weights.items():  # the graph form indexes them with the step
+                block.register_buffer(weights_table_name(name), torch.stack(rows), persistent=False)
 
     def _capture_shared(self, block, args, kwargs, dependencies) -> SharedCapture | None:
         """`capture_shared`, or None (with one warning per block class) when torch.export cannot
@@ -289,29 +315,58 @@ class BlockState:
             # wrote it, it costs nothing (no cache buffer, no cache write, the model's own add).
             if mask is not None and (not all(mask) or self.runtime.tools.record_branches):
                 masks[component] = tuple(bool(v) for v in mask)
-        return _Capture(shared, masks, dependencies, _state_owners(block, shared.captured.state_names))
+        orders = {}
+        for component, mask in masks.items():
+            order = min(schedule.order_for(f"{self.path}.{component}"), self.runtime.max_order)
+            if order and not all(mask):
+                orders[component] = order
+        owners = _state_owners(block, shared.captured.state_names)
+        return _Capture(shared, masks, dependencies, owners, orders)
 
     def specialised(self, entry: _Capture, compute: dict[str, bool]) -> SpecialisedBlock:
         """The specialised graph for `compute` (component -> computes), built once per shared capture."""
         shared = entry.shared
-        key = tuple(compute.items())
+        key = variant_key(compute, entry.orders)
         variant = shared.variants.get(key)
         if variant is None:
             variant = specialise_block(
-                shared.captured.graph_module, shared.branches, compute, kernel=self.runtime.kernel
+                shared.captured.graph_module,
+                shared.branches,
+                compute,
+                kernel=self.runtime.kernel,
+                orders=entry.orders,
             )
             shared.variants[key] = variant
         return variant
 
-    def binding(self, compute: dict[str, bool], slot: int) -> BlockBinding:
+    def binding(self, block: torch.nn.Module, compute: dict[str, bool], slot: int) -> BlockBinding:
         """What a whole-model graph needs to inline this block's variant for `compute` at call
-        `slot` (see `smoothcache_fx.model_variants`)."""
+        `slot` (see `smoothcache_fx.model_variants`). A forecast site's weights change with the
+        step, not with the mask: the graph reads them from a buffer per component that `prepare`
+        fills before each call, so every step with this mask shares the graph."""
         entry = self.current
         variant = self.specialised(entry, compute)
         sites = entry.branches.sites
         indices = [sites.index(site) for site in variant.cache_sites]
+        forecast = tuple(site.component for site in variant.forecast_sites)
+        for component in dict.fromkeys(forecast):
+            name = weights_now_name(component)
+            rows = entry.weights[component]
+            if getattr(block, name, None) is None or getattr(block, name).shape != rows[0].shape:
+                with torch.inference_mode(False), torch.no_grad():
+                    buffer = torch.zeros_like(rows[0])
+                if self.runtime.compile_config.uses_cuda_graphs:
+                    mark_static_address(buffer)
+                block.register_buffer(name, buffer, persistent=False)
         return BlockBinding(
             state=self,
+            block=block,
+            weights=forecast,
+            history=tuple(
+                i
+                for i, s in zip(indices, variant.cache_sites, strict=True)
+                if s.component in variant.computed and s.component in entry.orders
+            ),
             graph_module=variant.graph_module,
             state_owners=entry.state_owners,
             constants=tuple(entry.captured.constants),
@@ -334,7 +389,7 @@ class BlockState:
     ) -> tuple[SpecialisedBlock, Callable]:
         """The specialised graph for `compute` and the callable that runs it (compiled or not)."""
         shared = entry.shared
-        key = tuple(compute.items())
+        key = variant_key(compute, entry.orders)
         variant = self.specialised(entry, compute)
         shared.calls[key] = shared.calls.get(key, 0) + 1
         config = self.runtime.compile_config
@@ -355,9 +410,12 @@ class BlockState:
             index = sites.index(site)
             if site.component in variant.reused and (slot, index) not in self.written:
                 raise _reuse_before_compute(self.path, site.component, self.runtime.step)
+            buffer = getattr(block, cache_name(index, slot))
             if site.component in variant.computed:
+                if site.component in dict(variant.orders) and (slot, index) not in self.written:
+                    buffer.zero_()  # empty history slots get weight 0: keep them finite
                 self.written.add((slot, index))
-            caches.append(getattr(block, cache_name(index, slot)))
+            caches.append(buffer)
         return caches
 
 
@@ -367,6 +425,9 @@ class BlockBinding:
     runtime does eagerly around that graph (which caches it reads and writes, the counters)."""
 
     state: BlockState
+    block: torch.nn.Module
+    weights: tuple[str, ...]  # per forecast site, in placeholder order: its component
+    history: tuple[int, ...]  # site indices whose history buffer a compute step shifts
     graph_module: torch.fx.GraphModule
     state_owners: tuple[tuple[dict, str], ...]
     constants: tuple[torch.Tensor, ...]
@@ -382,24 +443,37 @@ class BlockBinding:
         leaves = tree_flatten((args, kwargs))[0]
         tensors = [leaf.contiguous() for leaf in leaves if isinstance(leaf, torch.Tensor)]
         state = [table[name] for table, name in self.state_owners]
+        weights = [getattr(block, weights_now_name(component)) for component in self.weights]
         caches = [getattr(block, name) for name in self.cache_names]
-        flat = self.graph_module(*state, *self.constants, *tensors, *caches)
+        flat = self.graph_module(*state, *self.constants, *tensors, *weights, *caches)
         return tree_unflatten(list(flat), self.out_spec)
 
-    def check_reads(self, step: int, slot: int) -> None:
-        written = self.state.written
+    def prepare(self, step: int, slot: int) -> None:
+        """Eagerly, before the whole-model graph runs: refuse a reuse of a cache not written in
+        this generation, zero a history buffer about to get its first output (its empty slots
+        get weight 0 and must stay finite), and put this step's forecast weights in place."""
+        state, block = self.state, self.block
+        written = state.written
         for index in self.reads:
             if (slot, index) not in written:
-                site = self.state.current.branches.sites[index]
-                raise _reuse_before_compute(self.state.path, site.component, step)
+                site = state.current.branches.sites[index]
+                raise _reuse_before_compute(state.path, site.component, step)
+        for index in self.history:
+            if (slot, index) not in written:
+                getattr(block, cache_name(index, slot)).zero_()
+        weights = state.current.weights
+        for component in dict.fromkeys(self.weights):
+            getattr(block, weights_now_name(component)).copy_(weights[component][step])
 
     def record(self, slot: int) -> None:
         state = self.state
         state.written.update((slot, index) for index in self.writes)
+        orders = state.current.orders
         for name in self.computed:
             state.computed[name] = state.computed.get(name, 0) + 1
         for name in self.reused:
-            state.reused[name] = state.reused.get(name, 0) + 1
+            counter = state.forecast if name in orders else state.reused
+            counter[name] = counter.get(name, 0) + 1
 
 
 def _reuse_before_compute(path: str, component: str, step: int) -> RuntimeError:
@@ -407,6 +481,17 @@ def _reuse_before_compute(path: str, component: str, step: int) -> RuntimeError:
         f"block {path!r}: the schedule reuses {component!r} at step {step} before it was computed "
         "in this generation. Every scheduled branch must compute at the first step of a generation."
     )
+
+
+# The variant key's entry for predictor orders (absent when every scheduled component reuses, so
+# reuse-only keys stay `tuple(compute.items())`).
+ORDERS_KEY = "__orders__"
+
+
+def variant_key(compute: dict[str, bool], orders: dict[str, int]) -> tuple:
+    """The key of a specialised variant: its compute mask and, if any, its predictor orders."""
+    key = tuple(compute.items())
+    return key + ((ORDERS_KEY, tuple(sorted(orders.items()))),) if orders else key
 
 
 def capture_shared(
@@ -457,6 +542,18 @@ def _state_owners(block: torch.nn.Module, names: tuple[str, ...]) -> tuple[tuple
     return tuple(owners)
 
 
+def weights_now_name(component: str) -> str:
+    """Whole-model variants: the current step's forecast weights of a component ([order + 1]),
+    filled before each call (removed with the caches: same prefix)."""
+    return f"{CACHE_BUFFER_PREFIX}weights_{component}"
+
+
+def weights_table_name(component: str) -> str:
+    """The graph form's [steps, order + 1] forecast weights of a component (removed with the
+    schedule table: same prefix)."""
+    return f"{SCHEDULE_BUFFER}_weights_{component}"
+
+
 def cache_name(index: int, slot: int) -> str:
     """The buffer of site `index` for call `slot` of a step (slot 0 keeps the plain name)."""
     return f"{CACHE_BUFFER_PREFIX}{index}" if slot == 0 else f"{CACHE_BUFFER_PREFIX}{index}_call{slot}"
@@ -473,16 +570,19 @@ def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = Fal
     with torch.inference_mode(False), torch.no_grad():
         for index, slot in itertools.product(range(len(entry.branches.sites)), range(slots)):
             value = nodes[entry.branches.sites[index].branch].meta["val"]
+            order = entry.orders.get(entry.branches.sites[index].component, 0)
             name = cache_name(index, slot)
+            # A forecast component keeps its last order + 1 outputs (see passes/specialise.py).
+            shape = (order + 1, *value.shape) if order else value.shape
             existing = getattr(block, name, None)
             if (
                 existing is not None
-                and existing.shape == value.shape
+                and existing.shape == shape
                 and existing.dtype == value.dtype
                 and existing.device == value.device
             ):
                 continue
-            buffer = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+            buffer = torch.empty(shape, dtype=value.dtype, device=value.device)
             if static:  # CUDA graphs read and write the buffer in place instead of copying it
                 mark_static_address(buffer)
             block.register_buffer(name, buffer, persistent=False)

@@ -32,6 +32,7 @@ from smoothcache_fx.generation import TIMESTEP_ARGUMENTS, timestep_of
 from smoothcache_fx.runtime import ToolOptions
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.schedules.errors import CalibrationErrors
+from smoothcache_fx.schedules.forecast import check_order
 from smoothcache_fx.transform import _is_pipeline, find_blocks, transform, untransform
 
 __all__ = ["CalibrationErrors", "calibrate"]
@@ -46,6 +47,7 @@ def calibrate(
     progress: bool = True,
     blocks=None,
     calls_per_step: int = 1,
+    max_order: int = 0,
 ) -> CalibrationErrors:
     """Leaves `model` as it was (transformed only while `run` runs): records branch output errors.
 
@@ -91,6 +93,11 @@ def calibrate(
         blocks: which modules are transformer blocks, as for `transform`.
         calls_per_step: model calls per step, as for `transform`: 2 for unbatched classifier-free
             guidance (Wan, Lumina2, Flux true CFG), 1 when the guidance is batched into one call.
+        max_order: also record, per branch and step, the error of forecasting the output with
+            predictor orders 1..max_order from every history of earlier outputs a schedule could
+            keep (`CalibrationErrors.forecast`), so that `Schedule.from_errors(...,
+            max_order=...)` can choose orders. Keeps `lookahead + max_order * (lookahead + 1)`
+            outputs per branch instead of `lookahead`.
 
     Returns:
         `CalibrationErrors`, with the per-branch FLOPs that `Schedule.for_speedup` needs.
@@ -108,6 +115,7 @@ def calibrate(
     )
     if steps is not None:
         _check_count("steps", steps, "the number of steps per generation, e.g. steps=50")
+    check_order(max_order, "calibrate(..., max_order=)")
     if not callable(run):
         raise TypeError(
             f"run must be a callable that generates with the model, such as "
@@ -138,7 +146,7 @@ def calibrate(
     if components is None:
         components = _find_components(found, first.block_calls)
     schedule = Schedule.all_compute(1, components)  # validates `components`
-    recorder = Recorder(lookahead, steps, calls_per_step, progress)
+    recorder = Recorder(lookahead, steps, calls_per_step, progress, max_order)
     boundaries = _Boundaries(rule, steps, calls_per_step)
     hooks = []
     try:
@@ -179,6 +187,7 @@ def calibrate(
         generations=recorder.generations,
         model_class=type(net).__name__,
         metadata=metadata,
+        forecast=recorder.mean_forecast_errors(),
     )
 
 

@@ -87,7 +87,7 @@ class ModelVariants:
         if bindings is None:
             bindings = plan.bindings[(key, slot)] = self._bind(key, slot)
         for binding in bindings.values():
-            binding.check_reads(step, slot)
+            binding.prepare(step, slot)
         runtime.model_graph_bindings = bindings
         try:
             output = compiled(model, *args, **kwargs)
@@ -177,7 +177,7 @@ class ModelVariants:
     def _bind(self, key: MaskKey, slot: int) -> dict[str, BlockBinding]:
         bindings = {}
         for state, compute in zip(self.runtime.block_states(), key, strict=True):
-            bindings[state.path] = state.binding(dict(compute), slot)
+            bindings[state.path] = state.binding(self.runtime.blocks[state.path], dict(compute), slot)
         return bindings
 
     def _compile(self, plan: int, index: int, tensors: list[torch.Tensor]):

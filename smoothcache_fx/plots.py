@@ -25,9 +25,12 @@ import numpy as np
 
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.schedules.errors import CalibrationErrors
+from smoothcache_fx.schedules.forecast import predictor_key
 
 _COMPUTE_COLOUR = "#1f4e79"
 _REUSE_COLOUR = "#e8eef5"
+_FORECAST_COLOUR = "#f2b134"
+_ORDER_STYLES = {1: "--", 2: ":"}
 
 
 def plot_errors(
@@ -36,7 +39,10 @@ def plot_errors(
     alpha: float | None = None,
     per_block: bool = False,
 ) -> Path:
-    """One panel per component: its block-averaged e_k over the step index i, one line per lag k.
+    """One panel per component: its block-averaged e_k over the step index i, one line per lag k;
+    with predictor errors (`calibrate(..., max_order=...)`), also each order's error forecasting
+    step i + k from computes k + 1 steps apart (the history of a scan that keeps skipping k steps),
+    dashed for order 1 and dotted for order 2, in the colour of its lag.
 
     Args:
         errors: from `smoothcache_fx.calibrate`.
@@ -59,6 +65,19 @@ def plot_errors(
                 for branch in errors.branches_of(component):
                     values = errors.errors[branch][k - 1]
                     axis.plot(np.arange(len(values)), values, color=line.get_color(), alpha=0.25, lw=0.7)
+            predictors = errors.predictor_errors(component)
+            for order, style in _ORDER_STYLES.items():
+                values = predictors.get(predictor_key(order, k, (k + 1,) * order))
+                if values is not None:  # indexed by the forecast step: shift to the compute step i
+                    shown = np.where(np.isfinite(values[k:]), values[k:], np.nan)
+                    axis.plot(
+                        np.arange(len(shown)),
+                        shown,
+                        color=line.get_color(),
+                        ls=style,
+                        lw=1,
+                        label=f"order {order}, k={k}",
+                    )
         if alpha is not None:
             axis.axhline(alpha, color="black", ls="--", lw=1, label=f"alpha={alpha:g}")
         if _all_positive(errors, component):
@@ -77,7 +96,8 @@ def plot_errors(
 def plot_schedule(
     schedule: Schedule, path: str | os.PathLike[str], branches: Mapping[str, Sequence[str]] | None = None
 ) -> Path:
-    """Heatmap, rows x steps: dark = compute, light = reuse the cached output.
+    """Heatmap, rows x steps: dark = compute, light = reuse the cached output, amber = forecast
+    (a row whose key has a predictor order; the row's label names the order).
 
     Args:
         schedule: any `Schedule`.
@@ -96,11 +116,11 @@ def plot_schedule(
     width = min(max(4.0, 2.5 + 0.16 * schedule.steps), 16.0)
     figure = figure_class(figsize=(width, height), layout="constrained")
     axis = figure.subplots()
-    cmap = colors.ListedColormap([_REUSE_COLOUR, _COMPUTE_COLOUR])
+    cmap = colors.ListedColormap([_REUSE_COLOUR, _FORECAST_COLOUR, _COMPUTE_COLOUR])
     axis.imshow(matrix, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     axis.set_yticks(range(len(rows)), list(rows), fontsize=7)
     axis.set_xlabel("step")
-    computed = int(matrix.sum())
+    computed = int((matrix == 1).sum())
     title = f"{schedule.steps} steps, computed {computed}/{matrix.size}"
     for name in ("alpha", "ideal_speedup"):
         if name in schedule.metadata:
@@ -111,16 +131,27 @@ def plot_schedule(
 
 def schedule_rows(
     schedule: Schedule, branches: Mapping[str, Sequence[str]] | None = None
-) -> dict[str, list[int]]:
+) -> dict[str, list[float]]:
     """The heatmap's rows, top to bottom: one per key (block numbers in numeric order: `attn1-2`
-    before `attn1-10`), or with `branches` one per branch, resolved through the keys."""
-    if branches is None:
-        return {key: list(schedule.masks[key]) for key in sorted(schedule.masks, key=_numeric_order)}
+    before `attn1-10`), or with `branches` one per branch, resolved through the keys. A step is
+    1 (computed), 0.5 (forecast: skipped with a predictor order > 0) or 0 (reused); a row with an
+    order says so in its label."""
+
+    def row(mask, order):
+        return [1.0 if v else 0.5 if order else 0.0 for v in mask]
+
     rows = {}
+    if branches is None:
+        for key in sorted(schedule.masks, key=_numeric_order):
+            order = schedule.orders.get(key, 0)
+            rows[f"{key} (order {order})" if order else key] = row(schedule.masks[key], order)
+        return rows
     for block, components in branches.items():
         for component in components:
-            mask = schedule.mask_for(f"{block}.{component}")
-            rows[f"{block}.{component}"] = [1] * schedule.steps if mask is None else [int(v) for v in mask]
+            path = f"{block}.{component}"
+            mask, order = schedule.mask_for(path), schedule.order_for(path)
+            label = f"{path} (order {order})" if order else path
+            rows[label] = [1.0] * schedule.steps if mask is None else row(mask, order)
     return rows
 
 

@@ -2,7 +2,7 @@
 
 One call runs a generation under `torch.profiler` with named ranges: `smoothcache/step N` around
 each model call (forward hooks, in Python), `smoothcache/<block path>` around each block and
-`smoothcache/<block path>.<component> computed|reused` around each residual branch (graph nodes,
+`smoothcache/<block path>.<component> computed|reused|forecast` around each residual branch (graph nodes,
 `passes/annotate.py`). The ranges are in the Chrome/Perfetto trace, over the ops and kernels, and
 the report (`profile_report.py`) sums them per step, per branch and per kernel.
 
@@ -223,7 +223,8 @@ def _counters(runtime) -> dict[str, tuple[int, int]]:
     for path, block in runtime.blocks.items():
         state = block._smoothcache_state
         for component in state.components:
-            counts[f"{path}.{component}"] = (state.computed.get(component, 0), state.reused.get(component, 0))
+            skipped = state.reused.get(component, 0) + state.forecast.get(component, 0)  # reused or forecast
+            counts[f"{path}.{component}"] = (state.computed.get(component, 0), skipped)
     return counts
 
 

@@ -45,7 +45,9 @@ class StepProfile:
 
 @dataclass(frozen=True)
 class BranchProfile:
-    """One residual branch (`<block path>.<component>`) over the profiled run."""
+    """One residual branch (`<block path>.<component>`) over the profiled run. `reused` counts
+    every skipped step (reused or, for a branch of predictor `order` > 0, forecast);
+    `cache_bytes` is what the branch keeps (order + 1 outputs per call slot)."""
 
     path: str
     computed: int
@@ -53,6 +55,8 @@ class BranchProfile:
     computed_s: float
     reused_s: float
     share: float  # of the model time (sum of step walls)
+    order: int = 0
+    cache_bytes: int = 0
 
     @property
     def total_s(self) -> float:
@@ -206,6 +210,7 @@ def build_report(
     )
     model_s = sum(c.wall_s for c in calls)
     branch_rows = []
+    stats = runtime.stats
     for path in _branch_paths(runtime):
         computed_s, reused_s = branch_time.get(path, (0.0, 0.0))
         branch_rows.append(
@@ -216,6 +221,8 @@ def build_report(
                 computed_s=computed_s,
                 reused_s=reused_s,
                 share=(computed_s + reused_s) / model_s if model_s else 0.0,
+                order=stats.get(path, {}).get("order", 0),
+                cache_bytes=stats.get(path, {}).get("cache_bytes", 0),
             )
         )
     kernels, kernel_s, interpreter_s = _kernel_rows(profiled, cuda, top)
@@ -253,6 +260,7 @@ def _range_names(runtime) -> dict[str, tuple[str, bool]]:
         block, component = path.rsplit(".", 1)
         for computed in (True, False):
             names[branch_range(block, component, computed)] = (path, computed)
+        names[branch_range(block, component, False, forecast=True)] = (path, False)  # a skipped step
     return names
 
 
@@ -401,13 +409,15 @@ def _format(report: ProfileReport) -> str:
     width = max([len("branch"), *(len(b.path) for b in report.branches)])
     lines += [
         "",
-        f"{'branch':<{width}} {'computed':>8} {'reused':>6} {'computed ms':>11} {'reused ms':>9} {'share':>6}",
+        f"{'branch':<{width}} {'computed':>8} {'skipped':>7} {'order':>5} {'cache KiB':>9} "
+        f"{'computed ms':>11} {'skipped ms':>10} {'share':>6}",
     ]
     for b in report.branches:
-        times = f"{b.computed_s * ms:>11.2f} {b.reused_s * ms:>9.2f} {b.share:>6.1%}"
+        times = f"{b.computed_s * ms:>11.2f} {b.reused_s * ms:>10.2f} {b.share:>6.1%}"
         if not report.branch_ranges:
-            times = f"{'-':>11} {'-':>9} {'-':>6}"  # profiled with branches=False: no branch ranges
-        lines.append(f"{b.path:<{width}} {b.computed:>8} {b.reused:>6} {times}")
+            times = f"{'-':>11} {'-':>10} {'-':>6}"  # profiled with branches=False: no branch ranges
+        memory = f"{b.order:>5} {b.cache_bytes / 1024:>9.1f}"
+        lines.append(f"{b.path:<{width}} {b.computed:>8} {b.reused:>7} {memory} {times}")
     width = min(60, max([len("kernel / op"), *(len(k.name) for k in report.kernels)]))
     lines += ["", f"{'kernel / op':<{width}} {'calls':>6} {'self ms':>9} {'share':>6}"]
     for k in report.kernels:

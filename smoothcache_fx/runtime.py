@@ -16,13 +16,21 @@ from dataclasses import dataclass
 
 import torch
 
-from smoothcache_fx.block import CACHE_BUFFER_PREFIX, SCHEDULE_BUFFER, BlockState, cache_name
+from smoothcache_fx.block import (
+    CACHE_BUFFER_PREFIX,
+    ORDERS_KEY,
+    SCHEDULE_BUFFER,
+    BlockState,
+    cache_name,
+    variant_key,
+)
 from smoothcache_fx.compile import CompileConfig
 from smoothcache_fx.generation import GenerationClock, timestep_of
 from smoothcache_fx.granularity import choose_granularity, estimate_compile_cost
 from smoothcache_fx.kernels.compat import CAPTURE_GATE, tree_flatten
 from smoothcache_fx.schedules import Schedule, as_schedule
 from smoothcache_fx.schedules.aliases import alias_renames
+from smoothcache_fx.schedules.forecast import MAX_ORDER, check_order
 
 LOGGER = logging.getLogger("smoothcache_fx")
 
@@ -66,6 +74,8 @@ class SmoothCacheRuntime:
             instead of being refused (`transform(..., resample=True)`).
         clock: where the generation in progress stands (`step`, `slot`, `generation` read it).
         kernel: "op" (fused custom op) or "inductor" (plain ops) at every rewritten site.
+        max_order: the cap on every branch's predictor order (each order adds one buffer of the
+            branch output's size per call slot); the schedule's orders above it are lowered to it.
     """
 
     def __init__(
@@ -79,8 +89,10 @@ class SmoothCacheRuntime:
         calls_per_step: int = 1,
         strict: bool = False,
         resample: bool = False,
+        max_order: int = MAX_ORDER,
     ):
         self.model = model
+        self.max_order = check_order(max_order, "transform(..., max_order=)")
         # strict: a block that torch.export cannot capture is an error instead of running uncached.
         self.strict = strict
         self._warned_classes: set[str] = set()
@@ -240,6 +252,8 @@ class SmoothCacheRuntime:
             for index, site in enumerate(entry.branches.sites):
                 if site.component in entry.masks:
                     tensor = getattr(block, cache_name(index, 0))
+                    if site.component in entry.orders:  # a history: its newest slot
+                        tensor = tensor[-1]
                     outputs.setdefault(f"{path}.{site.component}", []).append(tensor)
         return outputs
 
@@ -269,7 +283,8 @@ class SmoothCacheRuntime:
 
     @property
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per branch path: how often it computed and reused, and its cache size in bytes."""
+        """Per branch path: how often it computed, reused and forecast, its predictor order, and the
+        bytes of its cache (a forecast branch of order k keeps k + 1 outputs per call slot)."""
         report = {}
         for path, block in self.blocks.items():
             state = block._smoothcache_state
@@ -286,6 +301,8 @@ class SmoothCacheRuntime:
                 report[f"{path}.{component}"] = {
                     "computed": state.computed.get(component, 0),
                     "reused": state.reused.get(component, 0),
+                    "forecast": state.forecast.get(component, 0),
+                    "order": state.current.orders.get(component, 0),
                     "cache_bytes": nbytes,
                 }
         return report
@@ -300,7 +317,8 @@ class SmoothCacheRuntime:
                     {
                         "block_class": shared.blocks and type(self.blocks[shared.blocks[0]]).__name__,
                         "blocks": list(shared.blocks),
-                        "compute": dict(key),
+                        "compute": {name: on for name, on in key if name != ORDERS_KEY},
+                        "orders": dict(variant.orders),
                         "rewritten": variant.rewritten,
                         "nodes_removed": variant.nodes_removed,
                         "calls": shared.calls.get(key, 0),
@@ -466,7 +484,8 @@ class SmoothCacheRuntime:
                 continue
             keys = needed.setdefault(id(entry.shared), set())
             for step in range(self.schedule.steps):
-                keys.add(tuple((name, mask[step]) for name, mask in entry.masks.items()))
+                compute = {name: mask[step] for name, mask in entry.masks.items()}
+                keys.add(variant_key(compute, entry.orders))
         return sum(len(keys) for keys in needed.values())
 
     def _check_variant_count(self) -> None:

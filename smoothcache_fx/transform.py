@@ -16,6 +16,7 @@ from smoothcache_fx.passes.specialise import KERNELS
 from smoothcache_fx.runtime import SmoothCacheRuntime
 from smoothcache_fx.saved_schedule import load_saved, save_beside_config
 from smoothcache_fx.schedules import Schedule, as_schedule
+from smoothcache_fx.schedules.forecast import MAX_ORDER, check_order
 
 _BLOCK_CLASSES: dict[type, type] = {}
 _PIPELINE_CLASSES: dict[type, type] = {}
@@ -41,6 +42,7 @@ def transform(
     calls_per_step: int = 1,
     strict: bool = False,
     resample: bool = False,
+    max_order: int = MAX_ORDER,
 ):
     """Modifies `model` in place (and returns it) so each call runs one step of `schedule`.
 
@@ -92,6 +94,9 @@ def transform(
             blocks are specialised again) instead of being refused. Only where the step count is
             known before the call: a first-order scheduler and no `timesteps=`, `sigmas=` or
             `strength=` (otherwise the call is checked as it runs, as without resample).
+        max_order: cap on the predictor orders of the schedule (`Schedule.orders`): a branch of
+            order k keeps k + 1 outputs (k + 1 buffers of its output's size per call slot,
+            `model.smoothcache.stats[...]["cache_bytes"]`); 0 reuses everywhere.
 
     Returns:
         The same object, transformed.
@@ -143,6 +148,7 @@ def transform(
     if schedule is None:
         schedule = load_saved(model.transformer if _is_pipeline(model) else model)
     schedule = as_schedule(schedule)
+    check_order(max_order, "transform(..., max_order=)")
     compile_config = CompileConfig(
         enabled=bool(compile),
         backend=backend,
@@ -155,7 +161,16 @@ def transform(
     )
     if _is_pipeline(model):
         _transform_pipeline(
-            model, schedule, blocks, kernel, compile_config, form, calls_per_step, strict, bool(resample)
+            model,
+            schedule,
+            blocks,
+            kernel,
+            compile_config,
+            form,
+            calls_per_step,
+            strict,
+            bool(resample),
+            max_order,
         )
         return model
     if not isinstance(model, torch.nn.Module):
@@ -169,7 +184,15 @@ def transform(
             "call model.smoothcache.set_schedule(schedule) instead of transforming it again."
         )
     _install(
-        model, schedule, find_blocks(model, blocks), kernel, compile_config, form, calls_per_step, strict
+        model,
+        schedule,
+        find_blocks(model, blocks),
+        kernel,
+        compile_config,
+        form,
+        calls_per_step,
+        strict,
+        max_order,
     )
     return model
 
@@ -201,9 +224,10 @@ def _install(
     calls_per_step: int = 1,
     strict: bool = False,
     resample: bool = False,
+    max_order: int = MAX_ORDER,
 ) -> None:
     runtime = SmoothCacheRuntime(
-        model, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample
+        model, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample, max_order
     )
     for path, block in found.items():
         original = type(block)
@@ -411,6 +435,7 @@ def _transform_pipeline(
     calls_per_step: int = 1,
     strict: bool = False,
     resample: bool = False,
+    max_order: int = MAX_ORDER,
 ) -> None:
     if "smoothcache" in pipe.transformer.__dict__:
         raise RuntimeError(
@@ -419,7 +444,16 @@ def _transform_pipeline(
         )
     found = find_blocks(pipe.transformer, blocks)
     _install(
-        pipe.transformer, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample
+        pipe.transformer,
+        schedule,
+        found,
+        kernel,
+        compile_config,
+        form,
+        calls_per_step,
+        strict,
+        resample,
+        max_order,
     )
     pipe.__class__ = _pipeline_class(type(pipe))
 

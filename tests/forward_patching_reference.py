@@ -4,7 +4,10 @@ Independent of smoothcache_fx on purpose: it reads the schedule as a plain dict 
 JSON format and patches `forward` of each scheduled child module (attn1, attn2, ff, attn, mlp, or the
 names passed as `components`) of each transformer block (an element of an `nn.ModuleList`), as
 Roblox/SmoothCache's helpers do for attn1 only. On a reuse step the patched forward returns the
-module output cached at the last compute step. One model call is one step. It caches the *module
+module output cached at the last compute step, or, for a key given a predictor order k in `orders`,
+the polynomial in step index through the outputs of its last k+1 compute steps (Newton's divided
+differences in float64: a different construction from smoothcache_fx's Lagrange weights, so the two
+check each other). One model call is one step. It caches the *module
 output*; smoothcache_fx caches the tensor that enters the gate multiplication, which is the same
 tensor for the test models (and for every family in COVERAGE.md: where a branch is a slice of a
 module's output, CogVideoX's ff, every slice is reused together with the module).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 COMPONENTS = ("attn1", "attn2", "ff", "attn", "mlp")
@@ -30,6 +34,7 @@ class ForwardPatchingReference:
         components: names of the child modules that may be patched; default `COMPONENTS`. Models
             whose residual branches come from other children (Flux's `ff_context`, `proj_out`) pass
             theirs here.
+        orders: key -> predictor order (0 reuse, 1 linear, 2 quadratic); keys left out reuse.
     """
 
     def __init__(
@@ -37,12 +42,14 @@ class ForwardPatchingReference:
         model: nn.Module,
         schedule: Mapping[str, Sequence[int]],
         components: Sequence[str] = COMPONENTS,
+        orders: Mapping[str, int] | None = None,
     ):
         self.model = model
         self.components = tuple(components)
         self.schedule = {key: [int(v) for v in mask] for key, mask in schedule.items()}
         self.step = 0
-        self.cache: dict[str, object] = {}
+        self.orders = dict(orders or {})
+        self.cache: dict[str, list[tuple[int, torch.Tensor]]] = {}  # path -> (step, output) computed
         self.patched: dict[str, nn.Module] = {}
         self.used_keys: set[str] = set()
         self.computed: dict[str, int] = {}  # path -> calls that ran the module, since enable()
@@ -71,7 +78,8 @@ class ForwardPatchingReference:
                     path = f"{list_path}.{index}.{name}" if list_path else f"{index}.{name}"
                     key = self.key_for(path)
                     if isinstance(child, nn.Module) and key is not None:
-                        child.forward = self._patched_forward(path, self.schedule[key], child.forward)
+                        order = self.orders.get(key, 0)
+                        child.forward = self._patched_forward(path, self.schedule[key], order, child.forward)
                         self.patched[path] = child
                         self.computed[path] = self.reused[path] = 0
                         self.used_keys.add(key)
@@ -94,12 +102,32 @@ class ForwardPatchingReference:
     def _advance(self, module, args, output) -> None:
         self.step += 1
 
-    def _patched_forward(self, path: str, mask: list[int], forward):
+    def _patched_forward(self, path: str, mask: list[int], order: int, forward):
         def patched(*args, **kwargs):
             if mask[self.step]:
-                self.cache[path] = forward(*args, **kwargs)
-            counter = self.computed if mask[self.step] else self.reused
-            counter[path] += 1
-            return self.cache[path]  # KeyError: reuse before any compute, a broken schedule
+                output = forward(*args, **kwargs)
+                self.cache[path] = [*self.cache.get(path, []), (self.step, output)][-(order + 1) :]
+                self.computed[path] += 1
+                return output
+            self.reused[path] += 1
+            return _extrapolate(self.cache[path], self.step)  # KeyError: reuse before any compute
 
         return patched
+
+
+def _extrapolate(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor:
+    """The polynomial through (step_i, output_i) read at `step`, by Newton's divided differences in
+    float64, in the outputs' dtype. One point: that output itself."""
+    if len(points) == 1:
+        return points[0][1]
+    steps = [s for s, _ in points]
+    table = [y.double() for _, y in points]
+    coefficients = [table[0]]
+    for level in range(1, len(points)):
+        table = [(table[i + 1] - table[i]) / (steps[i + level] - steps[i]) for i in range(len(table) - 1)]
+        coefficients.append(table[0])
+    value, product = coefficients[0], 1.0
+    for level in range(1, len(points)):
+        product *= step - steps[level - 1]
+        value = value + product * coefficients[level]
+    return value.to(points[-1][1].dtype)

@@ -127,7 +127,7 @@ def test_the_timestep_rule_refuses_two_steps_at_one_timestep():
 
 def test_errors_round_trip_and_old_files_still_load(guided, tmp_path):
     data = guided.to_dict()
-    assert data["version"] == 2 and len(data["per_call"]["transformer_blocks.0.ff"]) == 2
+    assert data["version"] == 3 and len(data["per_call"]["transformer_blocks.0.ff"]) == 2
     loaded = CalibrationErrors.load(guided.save(tmp_path / "errors.json"))
     assert loaded == guided and loaded.calls_per_step == 2 and loaded.per_call == guided.per_call
     assert pickle.loads(pickle.dumps(guided)) == guided
@@ -145,8 +145,8 @@ def test_errors_round_trip_and_old_files_still_load(guided, tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown fields \['per_call'\]"):
         CalibrationErrors.from_dict({**data, "version": 1})
-    with pytest.raises(ValueError, match=r"version must be one of \[1, 2\]; got 3"):
-        CalibrationErrors.from_dict({**data, "version": 3})
+    with pytest.raises(ValueError, match=r"version must be one of \[1, 2, 3\]; got 4"):
+        CalibrationErrors.from_dict({**data, "version": 4})
 
 
 def test_resampling_keeps_the_max_over_calls(guided):

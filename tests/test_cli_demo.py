@@ -48,8 +48,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert set(results["timings_s"]) == {"eager", "eager + SmoothCache"}
     assert all(seconds > 0 for seconds in results["timings_s"].values())
     assert results["speed_quality_curve"], "the default picks a target from a measured curve"
+    # Reuse and forecast schedules are both candidates; the result says which kind it chose.
+    kinds = {point["kind"] for point in results["speed_quality_curve"]}
+    assert kinds == {"reuse", "forecast"}
+    assert results["schedule_kind"] == ("forecast" if results["schedule"]["orders"] else "reuse")
     table = capsys.readouterr().out
     assert "achieved speedup" in table and "PSNR" in table
+    assert f"schedule: {results['schedule_kind']}" in table
+    assert "chose the" in table or "no candidate kept the quality bar" in table
 
 
 def test_unknown_option_is_rejected(capsys):

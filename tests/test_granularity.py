@@ -240,3 +240,29 @@ def test_cuda_graphs_per_step_match_eager(granularity, forbid_recompiles):
     for _ in range(2):
         _close(run_steps(compiled, call, STEPS), expected)
     assert not counters["inductor"].get("cudagraph_skips")
+
+
+@pytest.mark.parametrize("granularity", ["model", "graph"])
+def test_whole_model_graphs_forecast_like_the_eager_variants(granularity, forbid_recompiles):
+    """Forecast weights change with the lag, not with the mask: they are filled in before each
+    call, so every step with one mask shares one whole-model graph whatever its lag."""
+    original = models.TinyDiT(depth=2)
+    mask = [int(step % 3 == 0 or step == 8) for step in range(9)]
+    schedule = Schedule(9, {"attn": mask, "mlp": mask}, orders={"attn": 1, "mlp": 2})
+    eager = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+    compiled = smoothcache_fx.transform(
+        copy.deepcopy(original), schedule, compile=True, granularity=granularity, backend="aot_eager"
+    )
+    expected = run_steps(eager, tiny_call, 9)
+    reuse_only = run_steps(
+        smoothcache_fx.transform(copy.deepcopy(original), schedule.with_orders({})), tiny_call, 9
+    )
+    assert not torch.allclose(expected[5], reuse_only[5], atol=1e-4)  # forecasting changes the output
+    forbid_recompiles()
+    for _ in range(2):
+        _close(run_steps(compiled, tiny_call, 9), expected)
+    assert counters["stats"]["unique_graphs"] == (2 if granularity == "model" else 1)
+    assert (
+        compiled.smoothcache.stats["blocks.1.mlp"]["forecast"]
+        == 2 * eager.smoothcache.stats["blocks.1.mlp"]["forecast"]
+    )

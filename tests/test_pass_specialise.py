@@ -13,6 +13,8 @@ from smoothcache_fx.passes.branches import find_residual_branches
 from smoothcache_fx.passes.specialise import (
     GATED_RESIDUAL_ADD,
     GATED_RESIDUAL_ADD_AND_CACHE,
+    GATED_RESIDUAL_ADD_AND_HISTORY,
+    GATED_RESIDUAL_FORECAST,
     specialise_block,
 )
 
@@ -95,3 +97,43 @@ def test_skipped_branch_drops_its_norm_and_modulate():
     assert count(variants[False], aten.scaled_dot_product_attention.default) == 0
     assert count(variants[False], aten.linear.default) == count(variants[True], aten.linear.default) - 2
     assert variants[False].nodes_removed > variants[True].nodes_removed
+
+
+@pytest.mark.parametrize("kernel", ["op", "inductor"])
+def test_forecast_sites_shift_history_and_forecast_without_the_branch_work(kernel):
+    """attn of order 2: the compute variant shifts attn's output into its history; the skip variant
+    adds the weighted history instead (gated like the branch), without attention; mlp reuses."""
+    graph_module, branches, inputs = _captured_dit_block()
+    orders = {"attn": 2}
+    compute = specialise_block(graph_module, branches, {"attn": True, "mlp": True}, kernel, orders)
+    skip = specialise_block(graph_module, branches, {"attn": False, "mlp": False}, kernel, orders)
+    assert compute.orders == skip.orders == (("attn", 2),)
+    assert compute.forecast_sites == () and [s.component for s in skip.forecast_sites] == ["attn"]
+    assert skip.rewritten == 2
+    if kernel == "op":
+        assert _count(compute.graph_module, GATED_RESIDUAL_ADD_AND_HISTORY) == 1
+        assert _count(skip.graph_module, GATED_RESIDUAL_FORECAST) == 1
+    else:
+        assert _count(skip.graph_module, GATED_RESIDUAL_FORECAST) == 0
+    assert _count(skip.graph_module, torch.ops.aten.scaled_dot_product_attention.default) == 0
+    with torch.no_grad():
+        (want,) = graph_module(*inputs)
+        history = torch.randn(3, *want.shape)
+        start = history.clone()
+        cache = torch.zeros_like(want)
+        (computed,) = compute.graph_module(*inputs, history, cache)
+        # The history moved one slot towards the oldest; the newest is attn's output, which the
+        # skip variant with weights (0, 0, 1) reproduces exactly (then mlp from its cache).
+        assert torch.equal(history[:2], start[1:])
+        torch.testing.assert_close(computed, want, rtol=1e-6, atol=1e-6)
+        (reused,) = skip.graph_module(*inputs, torch.tensor([0.0, 0.0, 1.0]), history, cache)
+        torch.testing.assert_close(reused, want, rtol=1e-6, atol=1e-6)
+        # Other weights give another output (end-to-end numerics: tests/test_forecast.py).
+        (forecast,) = skip.graph_module(*inputs, torch.tensor([1.0, -3.0, 3.0]), history, cache)
+        assert (forecast - reused).abs().max() > 1e-3
+
+
+def test_orders_for_unscheduled_components_are_refused():
+    graph_module, branches, _ = _captured_dit_block()
+    with pytest.raises(ValueError, match=r"orders name components \['attn'\] that the compute mask does not"):
+        specialise_block(graph_module, branches, {"mlp": False}, orders={"attn": 1})

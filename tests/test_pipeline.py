@@ -105,6 +105,8 @@ def test_two_calls_per_step_keep_a_cache_per_call():
     assert model.smoothcache.stats["transformer_blocks.0.attn1"] == {
         "computed": 6,  # 3 steps x 2 calls
         "reused": 6,
+        "forecast": 0,
+        "order": 0,
         "cache_bytes": 2 * cond_model.smoothcache.stats["transformer_blocks.0.attn1"]["cache_bytes"],
     }
     assert not torch.equal(_unbatched_guidance_loop(original, original, steps), want)  # it reused
@@ -122,3 +124,25 @@ def test_calls_per_step_arguments_and_pipeline_count():
     )
     with pytest.raises(ValueError, match=rf"{STEPS} steps x 2 calls per step"):
         _generate(pipe)  # DiTPipeline batches its guidance: one call per step
+
+
+def test_two_calls_per_step_keep_a_history_per_call():
+    """The same with forecasting: each call of a step forecasts from its own history."""
+    steps = 6
+    schedule = Schedule(
+        6, {"attn1": [1, 0, 1, 0, 0, 1], "ff": [1, 1, 0, 1, 0, 1]}, orders={"attn1": 1, "ff": 2}
+    )
+    original = models.diffusers_dit()
+    model = smoothcache_fx.transform(copy.deepcopy(original), schedule, calls_per_step=2)
+    cond_model = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+    uncond_model = smoothcache_fx.transform(copy.deepcopy(original), schedule)
+    got = _unbatched_guidance_loop(model, model, steps)
+    assert torch.equal(got, _unbatched_guidance_loop(cond_model, uncond_model, steps))
+    reuse = smoothcache_fx.transform(copy.deepcopy(original), schedule.with_orders({}), calls_per_step=2)
+    assert not torch.equal(got, _unbatched_guidance_loop(reuse, reuse, steps))  # it forecast
+    stats = model.smoothcache.stats["transformer_blocks.0.attn1"]
+    assert (stats["order"], stats["forecast"], stats["reused"]) == (1, 6, 0)  # 3 skipped steps x 2 calls
+    assert (
+        stats["cache_bytes"]
+        == 2 * 2 * cond_model.smoothcache.stats["transformer_blocks.0.attn1"]["cache_bytes"] // 2
+    )

@@ -350,6 +350,7 @@ def test_to_dict_from_dict_round_trip():
         "version": FORMAT_VERSION,
         "steps": 4,
         "masks": {"attn1": [1, 0, 1, 0], "ff": [1, 1, 0, 1]},
+        "orders": {},
         "metadata": {"model": "pixart", "alpha": 0.08, "per_block": {"0": [1, 2]}},
     }
     json.dumps(d)  # plain JSON data
@@ -555,3 +556,56 @@ def test_calibration_errors_load_failures_name_the_file(tmp_path, content, error
     assert str(path) in str(info.value) and "CalibrationErrors.save()" in str(info.value)
     with pytest.raises(FileNotFoundError, match="calibration errors path must name an existing"):
         CalibrationErrors.load(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------- predictor orders
+
+
+def test_orders_resolve_like_masks_and_round_trip(tmp_path):
+    s = Schedule(4, {"attn": [1, 0, 1, 0], "attn-2": [1, 0, 0, 1], "mlp": [1, 1, 0, 1]}, orders={"attn": 2})
+    assert s.order_for("blocks.0.attn") == 2
+    assert s.order_for("blocks.2.attn") == 0  # decided by `attn-2`, which has no order
+    assert s.order_for("blocks.0.mlp") == 0
+    assert s.order_for("blocks.0.other") == 0
+    assert s.to_dict()["orders"] == {"attn": 2}
+    assert Schedule.load(s.save(tmp_path / "s.json")) == s
+    assert Schedule.load(tmp_path / "s.json").orders == {"attn": 2}
+    assert hash(s) != hash(s.with_orders({}))
+    assert s != s.with_orders({"attn": 1})
+    assert pickle.loads(pickle.dumps(s)) == s
+    assert "orders={'attn': 2}" in repr(s)
+
+
+def test_order_zero_is_the_default_and_is_dropped():
+    plain = Schedule(2, {"attn": [1, 0]})
+    assert plain.orders == {}
+    assert Schedule(2, {"attn": [1, 0]}, orders={"attn": 0}) == plain
+
+
+def test_version_1_and_roblox_files_load_with_order_0(tmp_path):
+    v1 = {"format": "smoothcache_fx.schedule", "version": 1, "steps": 2, "masks": {"attn": [1, 0]}}
+    assert Schedule.from_dict(v1).orders == {}
+    with pytest.raises(ValueError, match=r"version-1 schedule .*got unknown \['orders'\]"):
+        Schedule.from_dict(v1 | {"orders": {"attn": 1}})
+    (tmp_path / "roblox.json").write_text(json.dumps({"attn": [1, 0, 1], "mlp": [1, 1, 0]}))
+    assert Schedule.load(tmp_path / "roblox.json").orders == {}
+
+
+def test_rename_carries_orders():
+    s = Schedule(2, {"attn": [1, 0], "mlp-1": [1, 0]}, orders={"attn": 1, "mlp-1": 2})
+    assert s.rename({"attn": "attn1", "mlp": "ff"}).orders == {"attn1": 1, "ff-1": 2}
+
+
+@pytest.mark.parametrize(
+    ("orders", "error", "match"),
+    [
+        ({"ff": 1}, ValueError, r"orders must name keys of the masks; got \['ff'\]"),
+        ({"attn": 3}, ValueError, r"orders\['attn'\]: predictor order must be in \[0, 2\].*got 3"),
+        ({"attn": 1.0}, TypeError, r"orders\['attn'\]: predictor order must be an int; got float"),
+        ({"attn": True}, TypeError, r"predictor order must be an int; got bool"),
+        ([("attn", 1)], TypeError, r"orders must be a mapping"),
+    ],
+)
+def test_bad_orders_say_what_and_how(orders, error, match):
+    with pytest.raises(error, match=match):
+        Schedule(2, {"attn": [1, 0]}, orders=orders)

@@ -54,6 +54,8 @@ def test_unscheduled_branches_are_left_untouched():
     assert model.smoothcache.stats["transformer_blocks.0.ff"] == {
         "computed": 1,
         "reused": 1,
+        "forecast": 0,
+        "order": 0,
         "cache_bytes": 2 * 16 * 16 * 4,
     }
 

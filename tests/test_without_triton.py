@@ -176,3 +176,44 @@ def test_both_ops_export_and_compile_without_triton():
         """
     )
     assert out.strip() == "ok"
+
+
+def test_forecast_ops_export_and_compile_without_triton():
+    """The forecast form: a compute site shifting its history and a forecast site, exported (the
+    history shift as the program's only mutation) and compiled with inductor, equal to eager."""
+    out = _python(
+        """
+        import torch
+        from torch._dynamo.utils import counters
+        import smoothcache_fx.kernels  # registers the ops
+        ops = torch.ops.smoothcache_fx
+
+        class Step(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("history", torch.randn(2, 2, 5, 8))
+                self.register_buffer("other", torch.randn(3, 2, 5, 8))
+
+            def forward(self, residual, branch, gate, weights):
+                x = ops.gated_residual_add_and_history(residual, branch, gate, self.history)
+                return ops.gated_residual_forecast(x, self.other, weights, gate)
+
+        args = (torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 1, 8), torch.tensor([1.0, -3.0, 3.0]))
+        eager = Step()
+        start = eager.history.clone()
+        want = eager(*args)
+        program = torch.export.export(Step(), args, strict=False).run_decompositions({})
+        text = str(program.graph)
+        assert "gated_residual_add_and_history" in text and "gated_residual_forecast" in text, text
+        mutated = [s.target for s in program.graph_signature.output_specs if s.kind.name == "BUFFER_MUTATION"]
+        assert mutated == ["history"], mutated
+        step = Step()
+        step.history.copy_(start)
+        step.other.copy_(eager.other)
+        compiled = torch.compile(step, fullgraph=True, backend="inductor")
+        torch.testing.assert_close(compiled(*args), want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(step.history, eager.history) and not counters["graph_break"]
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"

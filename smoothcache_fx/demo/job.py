@@ -35,8 +35,9 @@ from smoothcache_fx.transform import transform
 # ones and at least 25 dB PSNR against them (8x8 pixels in [-1, 1], peak-to-peak 2).
 MIN_PSNR_DB = 25.0
 MAX_ACCURACY_DROP = 0.02
-# Targets tried when none is given: the fastest one that keeps the quality bar is used.
-CANDIDATE_TARGETS = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0)
+# Targets tried when none is given: the fastest one that keeps the quality bar is used, among
+# reuse schedules and forecast schedules (predictor orders up to `DemoOptions.max_order`).
+CANDIDATE_TARGETS = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class DemoOptions:
     seed: int = 0
     calibration_generations: int = 2
     progress: bool = True
+    # Highest predictor order calibrated and considered for skipped steps (0: reuse only).
+    max_order: int = 2
 
 
 def run_demo(options: DemoOptions, log=print) -> dict:
@@ -92,6 +95,7 @@ def run_demo(options: DemoOptions, log=print) -> dict:
         "steps": options.steps,
         "samples": len(labels),
         "schedule": schedule.to_dict(),
+        "schedule_kind": "forecast" if schedule.orders else "reuse",
         "ideal_speedup": errors.ideal_speedup(schedule),
         "psnr_db": psnr(cached, uncached),
         "accuracy_uncached": _accuracy(uncached, labels, classifier),
@@ -123,6 +127,8 @@ def format_table(results: dict) -> str:
     rows += [
         f"achieved speedup {results['achieved_speedup']:.2f}x of ideal {results['ideal_speedup']:.2f}x "
         f"({results['achieved_speedup'] / results['ideal_speedup']:.0%})",
+        f"schedule: {results.get('schedule_kind', 'reuse')}"
+        + (f", orders {results['schedule']['orders']}" if results["schedule"].get("orders") else ""),
         f"PSNR cached vs uncached {results['psnr_db']:.1f} dB; classifier accuracy uncached "
         f"{results['accuracy_uncached']:.1%}, cached {results['accuracy_cached']:.1%}",
     ]
@@ -146,55 +152,77 @@ def _output_folder(path: str) -> Path:
 
 
 def _calibrate(model, options: DemoOptions, labels, log):
-    log(f"calibrating on {options.calibration_generations} generations (lookahead 3)...")
+    log(
+        f"calibrating on {options.calibration_generations} generations (lookahead 3, predictor "
+        f"orders up to {options.max_order})..."
+    )
 
     def run():
         for index in range(options.calibration_generations):
             generator = torch.Generator().manual_seed(1000 + index)
             generate(model, labels, options.steps, options.guidance_scale, generator=generator)
 
-    return calibrate(model, run, lookahead=3, steps=options.steps, progress=options.progress)
+    return calibrate(
+        model, run, lookahead=3, steps=options.steps, progress=options.progress, max_order=options.max_order
+    )
 
 
 def _choose_schedule(model, errors, options, given, uncached, labels, classifier, sample, log):
-    """The --schedule already loaded (`given`), --alpha or --target; otherwise the fastest candidate
-    target whose samples keep the quality bar. Returns the schedule and the speed/quality curve."""
+    """The --schedule already loaded (`given`), --alpha or --target (forecasting where it computes
+    less); otherwise the fastest candidate, by ideal speed-up, whose samples keep the quality bar,
+    among reuse schedules and forecast schedules for every candidate target. Returns the schedule
+    and the speed/quality curve (one point per kind and target)."""
     if given is not None:
         return given, []
     if options.alpha is not None:
-        return Schedule.from_errors(errors, alpha=options.alpha), []
+        return Schedule.from_errors(errors, alpha=options.alpha, max_order=options.max_order), []
     if options.target is not None:
-        return Schedule.for_speedup(errors, target=options.target), []
+        return Schedule.for_speedup(errors, target=options.target, max_order=options.max_order), []
     accuracy = _accuracy(uncached, labels, classifier)
     curve, best = [], None
-    for target in CANDIDATE_TARGETS:
-        try:
-            schedule = Schedule.for_speedup(errors, target=target)
-        except ValueError:
-            break  # beyond the largest reachable speedup
-        cached = sample(transform(copy.deepcopy(model), schedule))
-        point = {
-            "target": target,
-            "alpha": schedule.metadata["alpha"],
-            "ideal_speedup": errors.ideal_speedup(schedule),
-            "psnr_db": psnr(cached, uncached),
-            "accuracy": _accuracy(cached, labels, classifier),
-        }
-        point["keeps_quality"] = (
-            point["psnr_db"] >= MIN_PSNR_DB and point["accuracy"] >= accuracy - MAX_ACCURACY_DROP
-        )
-        curve.append(point)
-        log(
-            f"  target {target:.2f}x: alpha {point['alpha']:.3f}, ideal {point['ideal_speedup']:.2f}x, "
-            f"PSNR {point['psnr_db']:.1f} dB, accuracy {point['accuracy']:.1%}"
-            f"{'' if point['keeps_quality'] else ' (below the quality bar)'}"
-        )
-        if point["keeps_quality"]:
-            best = schedule
+    kinds = {"reuse": 0, "forecast": options.max_order} if options.max_order else {"reuse": 0}
+    for kind, max_order in kinds.items():
+        for target in CANDIDATE_TARGETS:
+            try:
+                schedule = Schedule.for_speedup(errors, target=target, max_order=max_order)
+            except ValueError:
+                break  # beyond the largest reachable speedup
+            cached = sample(transform(copy.deepcopy(model), schedule))
+            point = {
+                "kind": kind,
+                "target": target,
+                "alpha": schedule.metadata["alpha"],
+                "orders": dict(schedule.orders),
+                "ideal_speedup": errors.ideal_speedup(schedule),
+                "psnr_db": psnr(cached, uncached),
+                "accuracy": _accuracy(cached, labels, classifier),
+            }
+            point["keeps_quality"] = (
+                point["psnr_db"] >= MIN_PSNR_DB and point["accuracy"] >= accuracy - MAX_ACCURACY_DROP
+            )
+            curve.append(point)
+            log(
+                f"  {kind:<8} target {target:.2f}x: alpha {point['alpha']:.3f}, ideal "
+                f"{point['ideal_speedup']:.2f}x, PSNR {point['psnr_db']:.1f} dB, accuracy "
+                f"{point['accuracy']:.1%}{_orders_note(schedule)}"
+                f"{'' if point['keeps_quality'] else ' (below the quality bar)'}"
+            )
+            if point["keeps_quality"] and (best is None or point["ideal_speedup"] > best[1]["ideal_speedup"]):
+                best = (schedule, point)
     if best is None:
-        best = Schedule.for_speedup(errors, target=CANDIDATE_TARGETS[0])
-        log("no candidate kept the quality bar; using the mildest one")
-    return best, curve
+        log("no candidate kept the quality bar; using the mildest reuse schedule")
+        return Schedule.for_speedup(errors, target=CANDIDATE_TARGETS[0]), curve
+    schedule, point = best
+    log(
+        f"chose the {point['kind']} schedule for target {point['target']:.2f}x (ideal "
+        f"{point['ideal_speedup']:.2f}x){_orders_note(schedule)}: the fastest that keeps the quality bar"
+    )
+    return schedule, curve
+
+
+def _orders_note(schedule: Schedule) -> str:
+    """`, orders {...}` for a schedule that forecasts, else nothing."""
+    return f", orders {dict(schedule.orders)}" if schedule.orders else ""
 
 
 def load_schedule_for_demo(path: str, steps: int | None) -> Schedule:

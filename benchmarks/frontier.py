@@ -1,0 +1,335 @@
+"""Speed/quality frontier on the demo DiT: ours (reuse, forecast) against diffusers' caching hooks
+and Roblox's SmoothCache helper.
+
+For every method and setting, on the shipped digits DiT (50 DDIM steps, guidance 1.5):
+
+- quality over `--samples` samples (evenly over the 10 digits, one batch, fixed noise): PSNR of the
+  samples against the uncached ones from the same noise, the shipped classifier's accuracy, and the
+  Fréchet distance between the uncached and the cached samples in the classifier's 64-d feature
+  space (its penultimate layer; the FID recipe with this classifier in place of Inception);
+- speed on the demo's batch (`--time-per-class` per digit): median time per generation over
+  `--repeats`, rows interleaved, compiled where the method compiles (ours: `transform(...,
+  compile=True)`; the uncached baseline: `torch.compile(model, fullgraph=True)`; hooks and the
+  helper: `torch.compile(model)`, graph breaks allowed, or eager when that fails), against the
+  compiled uncached model;
+- ideal speed-up where a FLOP model exists (ours: calibrated per-branch FLOPs).
+
+Methods: ours with reuse (alpha sweep), ours with forecasting (alpha sweep, predictor orders <= 2),
+diffusers 0.42 hooks that apply to `DiTTransformer2DModel` (FirstBlockCache thresholds,
+TaylorSeerCache intervals, MagCache thresholds, PyramidAttentionBroadcast ranges), and
+`SmoothCache.DiffuserCacheHelper` (pip dit-smoothcache, attn1 only) with our reuse schedules' attn1
+masks. A method that cannot run on this model is reported as skipped with the reason.
+
+    python benchmarks/frontier.py                     # the full run (quiet CPU: about an hour)
+    python benchmarks/frontier.py --quick             # 100 samples, 1 repeat, fewer settings
+    python benchmarks/frontier.py --json frontier.json --plot docs/frontier.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from smoothcache_fx import Schedule, calibrate, transform
+from smoothcache_fx.demo.classifier import load_digits_classifier
+from smoothcache_fx.demo.job import MAX_ACCURACY_DROP, MIN_PSNR_DB, psnr
+from smoothcache_fx.demo.model import NUM_CLASSES, generate, load_demo_model
+
+ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
+QUICK_ALPHAS = (0.1, 0.2, 0.4, 0.8)
+
+
+@dataclass
+class Method:
+    """One point to measure: `make()` returns (model to sample with, reset before a generation)."""
+
+    family: str
+    setting: str
+    make: Callable[[], tuple[torch.nn.Module, Callable[[], None]]]
+    ideal_speedup: float | None = None
+    result: dict = field(default_factory=dict)
+
+
+class _InCacheContext(torch.nn.Module):
+    """A diffusers-hooked DiT called inside `cache_context("cond")` (the hooks keep their state per
+    context), with the current timestep published for PAB's callback."""
+
+    def __init__(self, model, clock: dict):
+        super().__init__()
+        self.model = model
+        self.clock = clock
+
+    def forward(self, x, timestep, class_labels):
+        self.clock["t"] = int(timestep.reshape(-1)[0])
+        with self.model.cache_context("cond"):
+            return self.model(x, timestep=timestep, class_labels=class_labels)
+
+
+def _hooked(base, config_factory):
+    """A copy of `base` with a diffusers cache enabled (DiTTransformer2DModel gets CacheMixin: its
+    BasicTransformerBlocks are in diffusers' block registry, its attention layers diffusers'
+    Attention), wrapped to run in a cache context."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    model = copy.deepcopy(base)
+    model.__class__ = type(type(model).__name__, (type(model), CacheMixin), {})
+    clock = {"t": 999}
+    model.enable_cache(config_factory(clock))
+    return _InCacheContext(model, clock), model._reset_stateful_cache
+
+
+def _helper(base, mask):
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints warnings on import
+        from SmoothCache import DiffuserCacheHelper
+    model = copy.deepcopy(base)
+    helper = DiffuserCacheHelper(model, schedule={"attn1": list(mask)})
+    helper.enable()
+    return model, helper.reset_state
+
+
+def methods(base, errors, steps: int, quick: bool) -> list[Method]:
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    found = []
+    for alpha in QUICK_ALPHAS if quick else ALPHAS:
+        for family, max_order in (("ours reuse", 0), ("ours forecast", 2)):
+            schedule = Schedule.from_errors(errors, alpha, max_order=max_order)
+            found.append(
+                Method(
+                    family,
+                    f"alpha={alpha}" + (f" orders={dict(schedule.orders)}" if schedule.orders else ""),
+                    lambda s=schedule: (transform(copy.deepcopy(base), s, compile=True), lambda: None),
+                    errors.ideal_speedup(schedule),
+                )
+            )
+            if max_order == 0:
+                found.append(
+                    Method(
+                        "SmoothCache helper",
+                        f"alpha={alpha} (attn1 mask)",
+                        lambda m=schedule.masks["attn1"]: _helper(base, m),
+                    )
+                )
+    for threshold in (0.05, 0.1, 0.2) if quick else (0.02, 0.05, 0.1, 0.2, 0.4):
+        found.append(
+            Method(
+                "diffusers FirstBlockCache",
+                f"threshold={threshold}",
+                lambda th=threshold: _hooked(base, lambda clock: FirstBlockCacheConfig(threshold=th)),
+            )
+        )
+    for interval in (2, 3) if quick else (2, 3, 4, 5):
+        found.append(
+            Method(
+                "diffusers TaylorSeerCache",
+                f"cache_interval={interval}",
+                lambda n=interval: _hooked(
+                    base,
+                    lambda clock: TaylorSeerCacheConfig(
+                        cache_interval=n, disable_cache_before_step=3, max_order=1
+                    ),
+                ),
+            )
+        )
+    for threshold in (0.06, 0.12) if quick else (0.03, 0.06, 0.12, 0.24):
+        found.append(
+            Method(
+                "diffusers MagCache",
+                f"threshold={threshold}",
+                lambda th=threshold: _hooked(
+                    base,
+                    lambda clock: MagCacheConfig(
+                        threshold=th, num_inference_steps=steps, mag_ratios=[1.0] * steps
+                    ),
+                ),
+            )
+        )
+    for skip in (2, 3) if quick else (2, 3, 4):
+        found.append(
+            Method(
+                "diffusers PAB",
+                f"spatial skip {skip}",
+                lambda k=skip: _hooked(
+                    base,
+                    lambda clock: PyramidAttentionBroadcastConfig(
+                        spatial_attention_block_skip_range=k,
+                        spatial_attention_timestep_skip_range=(-1, 1000),
+                        current_timestep_callback=lambda: clock["t"],
+                    ),
+                ),
+            )
+        )
+    return found
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D] (the FID formula):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the root through the eigenvalues of
+    S_a^(1/2) S_b S_a^(1/2) (symmetric, so real and non-negative up to rounding)."""
+    a, b = a.double().numpy(), b.double().numpy()
+    mu = a.mean(0) - b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    values, vectors = np.linalg.eigh(sa)
+    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    middle = np.linalg.eigvalsh(root_a @ sb @ root_a)
+    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(middle, 0, None)).sum())
+
+
+def _features(classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate features [N, 64], predicted labels)."""
+    with torch.no_grad():
+        hidden = classifier.head(classifier.features(images))
+        return hidden, classifier.out(hidden).argmax(-1)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=500, help="quality samples (500)")
+    parser.add_argument("--time-per-class", type=int, default=4, help="timing batch per digit (4)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="100 samples, 1 repeat, fewer settings")
+    parser.add_argument("--json")
+    parser.add_argument("--plot")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.repeats = min(args.samples, 100), 1
+    base = load_demo_model()
+    classifier = load_digits_classifier()
+    quality_labels = torch.arange(args.samples) % NUM_CLASSES
+    timing_labels = torch.arange(NUM_CLASSES).repeat_interleave(args.time_per_class)
+
+    def sample(net, labels, reset=lambda: None, seed=0):
+        reset()
+        with torch.no_grad():
+            return generate(net, labels, args.steps, generator=torch.Generator().manual_seed(seed))
+
+    def run_calibration():
+        for index in range(2):
+            sample(base, timing_labels, seed=1000 + index)
+
+    errors = calibrate(base, run_calibration, lookahead=3, steps=args.steps, progress=False, max_order=2)
+    uncached = sample(base, quality_labels)
+    uncached_features, uncached_pred = _features(classifier, uncached)
+    uncached_accuracy = (uncached_pred == quality_labels).float().mean().item()
+
+    rows: dict[str, tuple] = {
+        "uncached (compiled)": (torch.compile(copy.deepcopy(base), fullgraph=True), lambda: None)
+    }
+    points = []
+    for method in methods(base, errors, args.steps, args.quick):
+        name = f"{method.family}: {method.setting}"
+        try:  # a hook that does not fit this model: report it and go on
+            net, reset = method.make()
+            images = sample(net, quality_labels, reset)
+        except Exception as error:
+            print(f"[skip] {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}")
+            continue
+        compiled = net if method.family.startswith("ours") else torch.compile(net)
+        try:
+            sample(compiled, timing_labels, reset)  # compiles here
+        except Exception as error:
+            print(f"[eager] {name}: torch.compile failed ({type(error).__name__}); timing eagerly")
+            compiled = net
+        features, predicted = _features(classifier, images)
+        method.result = {
+            "family": method.family,
+            "setting": method.setting,
+            "ideal_speedup": method.ideal_speedup,
+            "psnr_db": psnr(images, uncached),
+            "accuracy": (predicted == quality_labels).float().mean().item(),
+            "frechet": frechet_distance(uncached_features, features),
+            "compiled": compiled is not net or method.family.startswith("ours"),
+            "cache_bytes": net.smoothcache.cache_bytes if hasattr(net, "smoothcache") else None,
+        }
+        rows[name] = (compiled, reset)
+        points.append(method)
+        del net, images
+
+    for compiled, reset in rows.values():
+        sample(compiled, timing_labels, reset)  # warm-up
+    times = {name: [] for name in rows}
+    for _ in range(args.repeats):
+        for name, (compiled, reset) in rows.items():
+            start = time.perf_counter()
+            sample(compiled, timing_labels, reset)
+            times[name].append(time.perf_counter() - start)
+    base_s = statistics.median(times["uncached (compiled)"])
+    results = []
+    print(
+        f"uncached compiled: {base_s * 1e3:.0f} ms/generation ({len(timing_labels)} samples x "
+        f"{args.steps} steps); quality over {args.samples} samples, uncached accuracy {uncached_accuracy:.1%}"
+    )
+    print(f"{'method':<58}{'ideal':>7}{'measured':>9}{'PSNR':>7}{'acc':>7}{'FD':>8}  bar")
+    for method in points:
+        name = f"{method.family}: {method.setting}"
+        result = method.result | {"measured_speedup": base_s / statistics.median(times[name])}
+        result["keeps_quality"] = (
+            result["psnr_db"] >= MIN_PSNR_DB and result["accuracy"] >= uncached_accuracy - MAX_ACCURACY_DROP
+        )
+        results.append(result)
+        ideal = "-" if result["ideal_speedup"] is None else f"{result['ideal_speedup']:.2f}x"
+        print(
+            f"{name[:57]:<58}{ideal:>7}{result['measured_speedup']:>8.2f}x{result['psnr_db']:>7.1f}"
+            f"{result['accuracy']:>7.1%}{result['frechet']:>8.3f}  {'kept' if result['keeps_quality'] else '-'}"
+            f"{'' if result['compiled'] else ' (eager)'}"
+        )
+    summary = {
+        "samples": args.samples,
+        "timing_samples": len(timing_labels),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "uncached_s": base_s,
+        "uncached_accuracy": uncached_accuracy,
+        "points": results,
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=1)
+    if args.plot:
+        _plot(summary, args.plot)
+    return results
+
+
+def _plot(summary: dict, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 4.2), layout="constrained")
+    axis = figure.subplots()
+    families = dict.fromkeys(p["family"] for p in summary["points"])
+    for family in families:
+        chosen = sorted(
+            (p for p in summary["points"] if p["family"] == family), key=lambda p: p["measured_speedup"]
+        )
+        axis.plot(
+            [p["measured_speedup"] for p in chosen], [p["psnr_db"] for p in chosen], marker="o", label=family
+        )
+    axis.axhline(MIN_PSNR_DB, color="black", ls="--", lw=1, label=f"quality bar {MIN_PSNR_DB:g} dB")
+    axis.set_xlabel("measured speed-up vs compiled uncached")
+    axis.set_ylabel("PSNR vs uncached (dB)")
+    axis.set_title(
+        f"demo DiT, {summary['steps']} steps, quality over {summary['samples']} samples", fontsize=10
+    )
+    axis.legend(fontsize=7)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
