@@ -582,7 +582,9 @@ def _allocate_caches(block: torch.nn.Module, entry: _Capture, static: bool = Fal
                 and existing.device == value.device
             ):
                 continue
-            buffer = torch.empty(shape, dtype=value.dtype, device=value.device)
+            buffer = torch.zeros(
+                shape, dtype=value.dtype, device=value.device
+            )  # finite: an empty history slot is read with weight 0
             if static:  # CUDA graphs read and write the buffer in place instead of copying it
                 mark_static_address(buffer)
             block.register_buffer(name, buffer, persistent=False)

@@ -192,7 +192,7 @@ def transform(
         form,
         calls_per_step,
         strict,
-        max_order,
+        max_order=max_order,
     )
     return model
 
@@ -224,6 +224,7 @@ def _install(
     calls_per_step: int = 1,
     strict: bool = False,
     resample: bool = False,
+    *,
     max_order: int = MAX_ORDER,
 ) -> None:
     runtime = SmoothCacheRuntime(
@@ -453,7 +454,7 @@ def _transform_pipeline(
         calls_per_step,
         strict,
         resample,
-        max_order,
+        max_order=max_order,
     )
     pipe.__class__ = _pipeline_class(type(pipe))
 

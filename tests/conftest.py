@@ -29,6 +29,18 @@ def one_thread():
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters empty before and after the test, so graph and recompile counts
+    are the test's own. Modules opt in with `pytestmark = pytest.mark.usefixtures("fresh_dynamo")`."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def forbid_recompiles():
     """Call it to make every dynamo recompile an error for the rest of the test.
 

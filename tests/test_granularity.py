@@ -18,12 +18,7 @@ from smoothcache_fx.granularity import estimate_compile_cost
 STEPS = 8
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _schedule(steps: int = STEPS) -> Schedule:
