@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         help="calibrate a local diffusers pipeline folder: errors, schedule and plots",
         description="Calibrate the transformer of a diffusers pipeline saved with save_pretrained "
         "(DiffusionPipeline.from_pretrained), derive a schedule, and write calibration_errors.json, "
-        "schedule.json, errors.png and schedule.png into --out.",
+        "schedule.json, errors.png and schedule.png into --out. Under torchrun every process calibrates its share "
+        "of the labels or prompts and rank 0 writes the combined result.",
     )
     cal.add_argument("pipeline", metavar="PIPELINE_DIR", help="a folder written by pipe.save_pretrained")
     cal.add_argument("--steps", type=_positive_int, required=True, help="num_inference_steps per generation")

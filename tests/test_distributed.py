@@ -143,19 +143,44 @@ def test_cli_calibrate_under_torchrun_writes_one_folder_equal_to_one_process(dit
 
     pipe = DiffusionPipeline.from_pretrained(dit_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-
-    def every_share():  # rank 0: labels 1,2 from seed 0; rank 1: label 3 from seed 1
-        for seed, labels in enumerate(([1, 2], [3])):
-            pipe(
-                class_labels=labels,
-                num_inference_steps=CLI_STEPS,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="np",
-            )
-
-    expected = smoothcache_fx.calibrate(pipe, every_share, progress=False)
+    expected = smoothcache_fx.calibrate(pipe, lambda: _every_share(pipe, CLI_STEPS), progress=False)
     _assert_same_errors(CalibrationErrors.load(out / "calibration_errors.json"), expected)
     assert Schedule.load(out / "schedule.json") == Schedule.from_errors(expected, alpha=0.3)
+
+
+def _every_share(pipe, steps: int) -> np.ndarray:
+    """What two ranks generate from labels 1,2,3, in one process: rank 0 labels 1,2 from seed 0,
+    then rank 1 label 3 from seed 1 (`cli_distributed.share`, seed + rank)."""
+    images = [
+        pipe(
+            class_labels=labels,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images
+        for seed, labels in enumerate(([1, 2], [3]))
+    ]
+    return np.concatenate(images)
+
+
+@pytest.mark.timeout(300)
+def test_data_parallel_generation_equals_one_process(tmp_path):
+    """benchmarks/data_parallel.py: each rank calibrates on its share (one schedule for all), then
+    transforms its own pipeline and generates; the images equal one process doing every share."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "data_parallel.py"
+    out = tmp_path / "images.npz"
+    done = _torchrun(str(script), "--labels", "1,2,3", "--steps", "6", "--alpha", "0.3", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "one schedule on every rank: True" in done.stdout
+    found = np.load(out)
+    assert found["labels"].tolist() == [1, 2, 3]
+    pipe = models.dit_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    errors = smoothcache_fx.calibrate(pipe, lambda: _every_share(pipe, 6), progress=False)
+    schedule = Schedule.from_errors(errors, alpha=0.3)
+    assert 0 < sum(schedule.masks["ff"]) < 6  # something is reused, so the caches are exercised
+    smoothcache_fx.transform(pipe, schedule)
+    np.testing.assert_allclose(found["images"], _every_share(pipe, 6), rtol=0, atol=1e-6)
 
 
 def test_cli_takes_several_prompts():
