@@ -189,3 +189,41 @@ def test_cli_takes_several_prompts():
     pipe = models.pixart_text_pipeline()
     args = argparse.Namespace(class_labels=None, prompt=["a cat", "a dog"])
     assert _conditioning(pipe, args) == ("prompt", ["a cat", "a dog"])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_context_parallel_transformed_model_equals_one_process(family, tmp_path):
+    """diffusers' Ulysses context parallelism over two gloo ranks on a transformed model (transform
+    first): every step equals the transformed model in one process, and the reused steps differ
+    from the uncached model, so the caches were read. Flux's plan hooks only the model, Wan's also
+    `blocks.0`: transforming after enable_parallelism warns that the hooked block runs uncached."""
+    for result in _ranks(f"context-parallel-{family}", tmp_path):
+        assert max(result["differences"]) <= 1e-6, result["differences"]
+        assert min(result["uncached_differences"][1::2]) > 1e-4  # steps 1 and 3 reuse every branch
+        assert all(s == {**s, "computed": 2, "reused": 2} for s in result["stats"].values())
+        if family == "wan":
+            assert any(path.startswith("blocks.0.") for path in result["stats"])
+            (warning,) = result["late_warnings"]
+            assert "blocks ['blocks.0'] have their forward replaced on the instance" in warning
+            assert "Call transform before adding such hooks" in warning
+        else:
+            assert result["late_warnings"] == []
+
+
+def test_a_block_with_its_forward_replaced_warns_and_strict_refuses():
+    import inspect
+
+    model = worker.tiny_dit()
+    hooked = model.blocks[1]
+    hooked.forward = hooked.forward  # what a diffusers hook registry does: a bound method on the instance
+    with pytest.warns(UserWarning, match=r"blocks \['blocks.1'\] have their forward replaced"):
+        smoothcache_fx.transform(model, Schedule.uniform(4, 2, ["attn", "mlp"]))
+    # the class's forward keeps the block's parameters, for hooks that bind arguments by name
+    assert inspect.signature(type(model.blocks[0]).forward) == inspect.signature(models.DiTBlock.forward)
+    smoothcache_fx.untransform(model)
+    with pytest.raises(NotImplementedError, match=r"strict=True"):
+        smoothcache_fx.transform(model, Schedule.uniform(4, 2, ["attn", "mlp"]), strict=True)
+    with pytest.raises(NotImplementedError, match="has its forward replaced on the instance"):
+        model.forward = model.forward
+        smoothcache_fx.transform(model, Schedule.uniform(4, 2, ["attn", "mlp"]), form="graph")
