@@ -81,22 +81,20 @@ CP_STEPS = 4
 
 
 def enable_context_parallel(model) -> None:
-    """diffusers' `model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`.
+    """What diffusers' `model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`
+    does, on the CPU.
 
-    On CUDA that call itself. Without an accelerator diffusers 0.42 cannot resolve its device
-    (`rank % torch.accelerator.device_count()` divides by zero, with or without a `mesh=`), so on
-    the CPU this does what the call does after that point, with the CPU as the device: set the
-    config up on a ("ring", "ulysses") = (1, 2) mesh, hand it to every attention processor, and
-    apply the model's `_cp_plan` hooks.
+    diffusers 0.42 cannot resolve a device without an accelerator: `_resolve_parallel_config` runs
+    `rank % torch.accelerator.device_count()` before it looks at a `mesh=`, which divides by zero.
+    So this does what the call does after that point, with the CPU as the device: set the config up
+    on a ("ring", "ulysses") = (1, 2) mesh, hand it to every attention processor, and apply the
+    model's `_cp_plan` hooks (diffusers itself is not patched).
     """
     import torch.distributed as dist
     from diffusers import ContextParallelConfig, ParallelConfig
     from diffusers.hooks.context_parallel import apply_context_parallel
     from torch.distributed.device_mesh import init_device_mesh
 
-    if torch.accelerator.device_count() >= dist.get_world_size():
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=dist.get_world_size()))
-        return
     mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("ring", "ulysses"))
     cp_config = ContextParallelConfig(ulysses_degree=dist.get_world_size(), mesh=mesh)
     config = ParallelConfig(context_parallel_config=cp_config)
