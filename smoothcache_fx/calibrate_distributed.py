@@ -11,7 +11,8 @@ steps, lookahead, calls per step, model class, metadata) and a rank's failure, i
 rank whose model, arguments or run differ, or whose calibration raised, makes every rank raise with
 the reason, instead of leaving the others waiting in a collective that never completes (an
 `all_reduce` of the sums alone would hang or add mismatched curves). The payload is small: branches
-x calls x lags x steps floats (8,400 for DiT-XL/2 at 50 steps, lookahead 3).
+x calls x lags x steps floats (8,400 for DiT-XL/2 at 50 steps, lookahead 3). With nccl, each rank
+must have called `torch.cuda.set_device` first, as torch's object collectives require.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ def resolve_group(process_group: Any):
             f"process_group must belong to an initialised torch.distributed; got {process_group!r} while "
             "no process group is initialised. Call torch.distributed.init_process_group(...) first (torchrun "
             "sets its environment), or pass process_group=False to calibrate this process alone."
+        )
+    # new_group() gives the ranks outside the new group this marker instead of a group.
+    outside = type(process_group) is int and process_group == dist.GroupMember.NON_GROUP_MEMBER
+    if outside or (isinstance(process_group, dist.ProcessGroup) and dist.get_rank(process_group) < 0):
+        raise ValueError(
+            f"process_group must include this process (rank {dist.get_rank()}); it does not. Call calibrate "
+            "only on the ranks of the group, or pass process_group=False to calibrate this process alone."
         )
     if process_group is None:
         group = dist.group.WORLD

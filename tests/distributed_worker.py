@@ -69,11 +69,28 @@ def main(case: str, out: Path) -> None:
         errors = smoothcache_fx.calibrate(model, run, lookahead=LOOKAHEAD, progress=True)
         schedule = smoothcache_fx.Schedule.from_errors(errors, alpha=ALPHA)
         result = {"errors": errors.to_dict(), "schedule": schedule.to_dict()}
+        if case == "calibrate":  # a group of rank 0 alone: rank 0 calibrates alone, rank 1 is refused
+            result["subgroup"] = _subgroup(model, run)
     except Exception as error:
         result = {"raised": type(error).__name__, "message": str(error)}
     finally:
         dist.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+def _subgroup(model, run) -> str:
+    import torch.distributed as dist
+
+    import smoothcache_fx
+
+    alone = dist.new_group([0])  # every rank must call new_group
+    try:
+        errors = smoothcache_fx.calibrate(
+            model, run, lookahead=LOOKAHEAD, progress=False, process_group=alone
+        )
+    except ValueError as error:
+        return str(error)
+    return f"generations={errors.generations}"
 
 
 # -- context parallelism ---------------------------------------------------------------------------

@@ -57,6 +57,10 @@ def _assert_same_errors(found: CalibrationErrors, expected: CalibrationErrors) -
 @pytest.mark.timeout(300)
 def test_calibrate_over_two_ranks_equals_one_process_over_all_generations(tmp_path):
     ranks = _ranks("calibrate", tmp_path)
+    assert ranks[0]["subgroup"] == "generations=2"  # a group of rank 0 alone: its own generations
+    assert ranks[1]["subgroup"].startswith("process_group must include this process (rank 1)")
+    for result in ranks:
+        del result["subgroup"]
     assert ranks[0] == ranks[1]  # every rank returns the same errors and derives the same schedule
     model = worker.tiny_dit()
 
