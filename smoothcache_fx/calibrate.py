@@ -12,6 +12,9 @@ Three phases, all on the caller's own model object:
    a forward hook registered after the transform's hands them to the `Recorder`
    (calibrate_record.py), which compares each call of a step with the same call of earlier steps.
    The model is untransformed at the end, also on error.
+
+Under an initialised `torch.distributed`, each rank records its own generations and the error sums
+are combined over the ranks (calibrate_distributed.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from smoothcache_fx.block import capture_shared
+from smoothcache_fx.calibrate_distributed import ErrorSums, gather_sums, resolve_group
 from smoothcache_fx.calibrate_record import Recorder
 from smoothcache_fx.dependencies import CaptureDependencies
 from smoothcache_fx.flops import flop_counter
@@ -48,6 +52,7 @@ def calibrate(
     blocks=None,
     calls_per_step: int = 1,
     max_order: int = 0,
+    process_group=None,
 ) -> CalibrationErrors:
     """Leaves `model` as it was (transformed only while `run` runs): records branch output errors.
 
@@ -78,6 +83,15 @@ def calibrate(
     step must have the step's timestep where the model takes one, so a wrong calls_per_step is an
     error rather than errors that mix different calls.
 
+    Across processes (``torchrun``): under an initialised `torch.distributed`, every rank calls
+    `calibrate` with the same model and arguments and a `run` of its own generations (its share of
+    the labels or prompts, its own seeds); the error sums and generation counts of all ranks are
+    added, so every rank returns the same `CalibrationErrors`, equal to one process running every
+    rank's generations in rank order, and `Schedule.from_errors` gives every rank the same
+    schedule. Ranks that record different branches, steps, lookahead or calls per step, or a rank
+    that raises, make every rank raise rather than wait. Only rank 0 shows progress. Every rank of
+    the group must call `calibrate`; one that does not leaves the others waiting in the collective.
+
     Args:
         model: a DiT-style `torch.nn.Module`, or a diffusers pipeline with a `.transformer`. It must
             not be transformed already (calibration installs its own all-compute schedule).
@@ -98,6 +112,9 @@ def calibrate(
             keep (`CalibrationErrors.forecast`), so that `Schedule.from_errors(...,
             max_order=...)` can choose orders. Keeps `lookahead + max_order * (lookahead + 1)`
             outputs per branch instead of `lookahead`.
+        process_group: the `torch.distributed` group whose ranks share the calibration. None (the
+            default): the default group when torch.distributed is initialised, else this process
+            alone; False: this process alone even then (each rank calibrates for itself).
 
     Returns:
         `CalibrationErrors`, with the per-branch FLOPs that `Schedule.for_speedup` needs.
@@ -107,6 +124,18 @@ def calibrate(
         errors = smoothcache_fx.calibrate(pipe, lambda: pipe(class_labels=[207], num_inference_steps=50))
         schedule = smoothcache_fx.Schedule.from_errors(errors, alpha=0.18)
     """
+    group = resolve_group(process_group)
+    show = progress and (group is None or group.rank() == 0)
+    record = partial(
+        _record, model, run, lookahead, components, steps, show, blocks, calls_per_step, max_order
+    )
+    return (record() if group is None else gather_sums(group, record)).errors()
+
+
+def _record(
+    model, run, lookahead, components, steps, progress, blocks, calls_per_step, max_order
+) -> ErrorSums:
+    """`calibrate` in this process: its arguments checked, `run` recorded, the error sums returned."""
     _check_count("lookahead", lookahead, "the largest lag k to record, e.g. lookahead=3")
     _check_count(
         "calls_per_step",
@@ -178,16 +207,16 @@ def calibrate(
     metadata = {"generation_rule": rule, "torch": torch.__version__, "dtype": recorder.dtype}
     if pipe is not None and getattr(pipe, "scheduler", None) is not None:
         metadata["solver"] = type(pipe.scheduler).__name__
-    return CalibrationErrors.from_calls(
+    return ErrorSums(
         recorder.length,
         lookahead,
-        recorder.mean_errors(),
+        recorder.sums,
+        recorder.generations,
         flops={path: first.module_flops.get(path, 0) for path in recorder.branches},
         total_flops=first.total_flops,
-        generations=recorder.generations,
         model_class=type(net).__name__,
         metadata=metadata,
-        forecast=recorder.mean_forecast_errors(),
+        forecast_sums=recorder.forecast_sums,
     )
 
 

@@ -57,12 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         help="calibrate a local diffusers pipeline folder: errors, schedule and plots",
         description="Calibrate the transformer of a diffusers pipeline saved with save_pretrained "
         "(DiffusionPipeline.from_pretrained), derive a schedule, and write calibration_errors.json, "
-        "schedule.json, errors.png and schedule.png into --out.",
+        "schedule.json, errors.png and schedule.png into --out. Under torchrun every process calibrates its share "
+        "of the labels or prompts and rank 0 writes the combined result.",
     )
     cal.add_argument("pipeline", metavar="PIPELINE_DIR", help="a folder written by pipe.save_pretrained")
     cal.add_argument("--steps", type=_positive_int, required=True, help="num_inference_steps per generation")
     what = cal.add_mutually_exclusive_group()
-    what.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
+    what.add_argument(
+        "--prompt",
+        action="append",
+        help="text prompt (text-to-image pipelines); repeat for several, shared out under torchrun",
+    )
     what.add_argument("--class-labels", help="comma-separated class labels (DiT), e.g. 1,2")
     how = cal.add_mutually_exclusive_group()
     how.add_argument("--alpha", type=float, help="SmoothCache error threshold (default 0.18)")
@@ -72,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--seed", type=int, default=0, help="generator seed of the calibration run (0)")
     cal.add_argument("--out", required=True, help="output folder")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
+    cal.add_argument(
+        "--device", default="cpu", help="device to run on (cpu); under torchrun cuda means cuda:LOCAL_RANK"
+    )
 
     show = commands.add_parser(
         "show",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from smoothcache_fx.cli_distributed import Launch, launched, share
 from smoothcache_fx.schedules import Schedule
 from smoothcache_fx.schedules.errors import CalibrationErrors
 from smoothcache_fx.schedules.schedule import component_of
@@ -21,24 +21,41 @@ class CommandError(ValueError):
 
 def run_calibrate(args, out=print) -> Path:
     """Calibrate the pipeline in `args.pipeline`, then write the errors, the schedule and plots into
-    `args.out`; returns the folder."""
+    `args.out`; returns the folder.
+
+    Under torchrun (WORLD_SIZE > 1) every rank generates its share of the labels or prompts
+    (`cli_distributed.share`) as one batch from seed ``--seed + rank``, `calibrate` combines the
+    ranks' errors, and only rank 0 writes and prints: the result equals one process generating every
+    rank's share in rank order."""
+    with launched(getattr(args, "device", "cpu")) as launch:
+        return _calibrate(args, launch, out if launch.rank == 0 else _silent)
+
+
+def _calibrate(args, launch: Launch, out) -> Path:
     import torch
 
     from smoothcache_fx.calibrate import calibrate
 
-    pipe = _load_pipeline(args.pipeline)
-    call = _generation_call(pipe, args)
-    folder = _output_folder(args.out)
-    out(f"calibrating {type(pipe).__name__} ({type(pipe.transformer).__name__}) over {args.steps} steps...")
+    pipe = _load_pipeline(args.pipeline).to(launch.device)
+    name, items = _conditioning(pipe, args)
+    mine = share(items, launch, f"--{name.replace('_', '-')}")
+    folder = _output_folder(args.out) if launch.rank == 0 else Path(args.out)
+    ranks = f" on {launch.world} processes" if launch.world > 1 else ""
+    out(
+        f"calibrating {type(pipe).__name__} ({type(pipe.transformer).__name__}) over {args.steps} steps{ranks}..."
+    )
 
     def run():
-        call(
+        pipe(
+            **{name: mine},
             num_inference_steps=args.steps,
-            generator=torch.Generator().manual_seed(args.seed),
+            generator=torch.Generator().manual_seed(args.seed + launch.rank),
             output_type="np",
         )
 
     errors = calibrate(pipe, run, lookahead=args.lookahead, progress=not args.no_progress)
+    if launch.rank != 0:
+        return folder
     errors.save(folder / "calibration_errors.json")  # first: kept when no schedule reaches --target
     if args.target is not None:
         schedule = Schedule.for_speedup(errors, target=args.target, per_block=args.per_block)
@@ -130,19 +147,20 @@ def _load_pipeline(folder: str):
     return pipe
 
 
-def _generation_call(pipe, args) -> Callable:
-    """`pipe` bound to the conditioning the command line gives, checked against what it takes."""
+def _conditioning(pipe, args) -> tuple[str, list]:
+    """The pipeline argument the command line gives ("class_labels" or "prompt") and its items,
+    checked against what `pipe` takes."""
     takes = inspect.signature(type(pipe).__call__).parameters
     name = type(pipe).__name__
     if args.class_labels is not None:
         if "class_labels" not in takes:
             raise CommandError(f"{name} takes no class labels; pass --prompt TEXT instead of --class-labels.")
-        labels = _class_labels(args.class_labels)
-        return lambda **kwargs: pipe(class_labels=labels, **kwargs)
+        return "class_labels", _class_labels(args.class_labels)
     if args.prompt is not None:
         if "prompt" not in takes:
             raise CommandError(f"{name} takes no prompt; pass --class-labels 1,2 instead of --prompt.")
-        return lambda **kwargs: pipe(prompt=args.prompt, **kwargs)
+        prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
+        return "prompt", prompts
     wanted = "--class-labels 1,2" if "class_labels" in takes else "--prompt TEXT"
     raise CommandError(f"calibrate must know what to generate; pass {wanted} for {name}.")
 
@@ -187,6 +205,10 @@ def _output_folder(path: str) -> Path:
             f"--out must be a folder that can be written; got {path!r} ({error.strerror}). Pass another folder."
         ) from error
     return folder
+
+
+def _silent(*args) -> None:
+    """`out` on ranks other than 0: one rank reports for the job."""
 
 
 def fail(command: str, error: Exception) -> int:

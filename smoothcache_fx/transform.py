@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -227,6 +228,7 @@ def _install(
     *,
     max_order: int = MAX_ORDER,
 ) -> None:
+    _check_forward_not_replaced(model, found, form, strict)
     runtime = SmoothCacheRuntime(
         model, schedule, found, kernel, compile_config, form, calls_per_step, strict, resample, max_order
     )
@@ -336,11 +338,45 @@ def _block_class(original: type, form: str) -> type:
                     return state.run_untraced(self, args, kwargs)
                 return state.run(self, args, kwargs)
 
-        namespace = {"forward": forward, "__module__": original.__module__, **_NOT_PICKLED}
+        namespace = {"forward": _signed(forward, original), "__module__": original.__module__, **_NOT_PICKLED}
         cls = type(original.__name__, (original,), namespace)
         cls.__qualname__ = f"SmoothCache[{original.__qualname__}]"
         _BLOCK_CLASSES[(original, form)] = cls
     return cls
+
+
+def _check_forward_not_replaced(model, found: dict, form: str, strict: bool) -> None:
+    """Blocks dispatch through their class's forward; a `forward` set on the instance (a hook that
+    wraps the bound method, such as a diffusers context-parallel plan entry on `blocks.0` or group
+    offloading) bypasses it, so the block would run uncached. A warning (an error with strict=True),
+    as for a block torch.export cannot capture. In graph form the model's forward advances the
+    step, so one replaced on the model is always an error."""
+    if form == "graph" and "forward" in model.__dict__:
+        raise NotImplementedError(
+            f"{type(model).__name__} has its forward replaced on the instance (a hook such as "
+            "enable_parallelism's); the graph form advances its step in the class's forward, which that "
+            "bypasses. Call transform(..., form='graph') before adding such hooks."
+        )
+    replaced = [path for path, block in found.items() if "forward" in block.__dict__]
+    if not replaced:
+        return
+    message = (
+        f"smoothcache_fx: blocks {replaced} have their forward replaced on the instance (a hook such as "
+        "a diffusers context-parallel plan entry, enable_parallelism, or group offloading), which "
+        "bypasses the cache: they would run as the hook calls them, uncached. Call transform before "
+        "adding such hooks (the hooks then wrap the cached blocks)."
+    )
+    if strict:
+        raise NotImplementedError(message + " (strict=True)")
+    warnings.warn(message + " Pass transform(..., strict=True) to make this an error.", stacklevel=4)
+
+
+def _signed(forward, original: type):
+    """`forward` with the signature of `original.forward`: code that binds a module's arguments by
+    name from its class's forward (diffusers' context-parallel plans split `hidden_states` that way)
+    sees the real parameters, not ``*args, **kwargs``."""
+    forward.__signature__ = inspect.signature(original.forward)
+    return forward
 
 
 def _graph_step(original: type):
@@ -377,7 +413,7 @@ def _model_class(original: type, form: str, model_graphs: bool) -> type | None:
                     return runtime.model_variants.run(self, args, kwargs)
                 return own_forward(self, *args, **kwargs)
 
-            namespace["forward"] = forward
+            namespace["forward"] = _signed(forward, original)
         if saves:
 
             def save_pretrained(self, save_directory, *args, **kwargs):
