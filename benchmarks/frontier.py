@@ -216,7 +216,8 @@ def main(argv=None) -> list[dict]:
 
     def sample(net, labels, reset=lambda: None, seed=0):
         reset()
-        with torch.no_grad():
+        # The SmoothCache helper prints a line per branch call.
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             return generate(net, labels, args.steps, generator=torch.Generator().manual_seed(seed))
 
     def run_calibration():
