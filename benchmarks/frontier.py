@@ -191,7 +191,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     values, vectors = np.linalg.eigh(sa)
     root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     middle = np.linalg.eigvalsh(root_a @ sb @ root_a)
-    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(middle, 0, None)).sum())
+    distance = mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(middle, 0, None)).sum()
+    return float(max(distance, 0.0))  # equal sets give 0 up to rounding, which may be -1e-12
 
 
 def _features(classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
