@@ -9,6 +9,7 @@ samples from the same noise, and the shipped classifier's accuracy on both).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import statistics
@@ -170,8 +171,8 @@ def _calibrate(model, options: DemoOptions, labels, log):
 def _choose_schedule(model, errors, options, given, uncached, labels, classifier, sample, log):
     """The --schedule already loaded (`given`), --alpha or --target (forecasting where it computes
     less); otherwise the fastest candidate, by ideal speed-up, whose samples keep the quality bar,
-    among reuse schedules and forecast schedules for every candidate target. Returns the schedule
-    and the speed/quality curve (one point per kind and target)."""
+    among reuse and forecast schedules, per component and per block, for every candidate target.
+    Returns the schedule and the speed/quality curve (one point per kind, keying and target)."""
     if given is not None:
         return given, []
     if options.alpha is not None:
@@ -180,16 +181,19 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
         return Schedule.for_speedup(errors, target=options.target, max_order=options.max_order), []
     accuracy = _accuracy(uncached, labels, classifier)
     curve, best = [], None
-    kinds = {"reuse": 0, "forecast": options.max_order} if options.max_order else {"reuse": 0}
-    for kind, max_order in kinds.items():
+    kinds = [("reuse", 0)] + ([("forecast", options.max_order)] if options.max_order else [])
+    for (kind, max_order), per_block in itertools.product(kinds, (False, True)):
         for target in CANDIDATE_TARGETS:
             try:
-                schedule = Schedule.for_speedup(errors, target=target, max_order=max_order)
+                schedule = Schedule.for_speedup(
+                    errors, target=target, max_order=max_order, per_block=per_block
+                )
             except ValueError:
                 break  # beyond the largest reachable speedup
             cached = sample(transform(copy.deepcopy(model), schedule))
             point = {
                 "kind": kind,
+                "per_block": per_block,
                 "target": target,
                 "alpha": schedule.metadata["alpha"],
                 "orders": dict(schedule.orders),
@@ -202,7 +206,7 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
             )
             curve.append(point)
             log(
-                f"  {kind:<8} target {target:.2f}x: alpha {point['alpha']:.3f}, ideal "
+                f"  {kind:<8} {'per block' if per_block else 'per comp.'} target {target:.2f}x: alpha {point['alpha']:.3f}, ideal "
                 f"{point['ideal_speedup']:.2f}x, PSNR {point['psnr_db']:.1f} dB, accuracy "
                 f"{point['accuracy']:.1%}{_orders_note(schedule)}"
                 f"{'' if point['keeps_quality'] else ' (below the quality bar)'}"
@@ -214,7 +218,8 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
         return Schedule.for_speedup(errors, target=CANDIDATE_TARGETS[0]), curve
     schedule, point = best
     log(
-        f"chose the {point['kind']} schedule for target {point['target']:.2f}x (ideal "
+        f"chose the {point['kind']} schedule {'per block' if point['per_block'] else 'per component'} "
+        f"for target {point['target']:.2f}x (ideal "
         f"{point['ideal_speedup']:.2f}x){_orders_note(schedule)}: the fastest that keeps the quality bar"
     )
     return schedule, curve
