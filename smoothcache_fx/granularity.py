@@ -18,11 +18,12 @@ units (one FX `call_function` node lowered by inductor):
 - plain torch.compile also pays dynamo's symbolic run of the model's own Python for every operator
   (`PYTHON_TRACE_COST` per operator: attention processors, norms, embeddings), which our variants
   skip: dynamo inlines their already-captured FX graphs.
-Both constants are fitted to compile times of the demo model measured with a fresh inductor cache
-(BENCHMARKS.md, "Compile granularity"). There, FORA-2 and Roblox's alpha=0.18 schedule (two
-whole-model masks: all computed, all reused; a reuse mask's graph keeps only the norms and the
-modulation) compile whole-model in about 1.1x plain's time; three masks come near the 1.5x budget
-and four or more stay per-block, whose compiles are one small block graph each.
+Both constants are fitted to dynamo's compile seconds on the demo model with a fresh inductor cache
+(BENCHMARKS.md, "Compile granularity": plain 18.3 s, whole-model for two masks 26.4 s, per-block for
+two block masks 9.9 s). There, FORA-2 and Roblox's alpha=0.18 schedule (two whole-model masks: all
+computed, all reused; a reuse mask's graph keeps only the norms and the modulation) estimate 1.45x
+plain and measured 1.44x, within the 1.5x budget; three masks or more estimate ~2x and stay
+per-block, whose compiles are one small block graph each.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ GRANULARITIES = ("auto", "block", "model", "graph")
 DEFAULT_COMPILE_BUDGET = 1.5
 # Operator-equivalents of the fixed work every compiled graph costs, and of dynamo tracing the
 # model's Python per operator in plain torch.compile (see the module docstring).
-FIXED_GRAPH_COST = 200
-PYTHON_TRACE_COST = 1.0
+FIXED_GRAPH_COST = 100
+PYTHON_TRACE_COST = 0.1
 
 
 @dataclass(frozen=True)
