@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         report = _run(args, launch)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, report)
+        dist.barrier()  # every rank done with the group before any tears it down (gloo teardown race)
     finally:
         dist.destroy_process_group()
     if rank == 0:

@@ -233,23 +233,6 @@ class Recorder:
             sums[t] = value if math.isinf(sums[t]) and self.generations == 0 else sums[t] + value
         self.pending_forecast.clear()
 
-    def mean_errors(self) -> dict[str, list[list[list[float]]]]:
-        """Branch path -> call of the step -> lag -> mean error per step over the generations."""
-        return {
-            path: [[(s / self.generations).tolist() for s in per_lag] for per_lag in sums]
-            for path, sums in self.sums.items()
-        }
-
-    def mean_forecast_errors(self) -> dict[str, dict[str, list[float]]]:
-        """Branch path -> predictor key -> mean error per step, the maximum over the calls of a step."""
-        means = {}
-        for path, calls in self.forecast_sums.items():
-            keys = calls[0]
-            means[path] = {
-                key: np.max([call[key] / self.generations for call in calls], axis=0).tolist() for key in keys
-            }
-        return means
-
     def close(self) -> None:
         self.ring.clear()
         self.stacks.clear()
@@ -277,16 +260,6 @@ class Progress:
         elif self.enabled:
             sys.stderr.write(f"\rcalibrate: generation {generation}, step {step + 1}")
             sys.stderr.flush()
-
-    def mean_forecast_errors(self) -> dict[str, dict[str, list[float]]]:
-        """Branch path -> predictor key -> mean error per step, the maximum over the calls of a step."""
-        means = {}
-        for path, calls in self.forecast_sums.items():
-            keys = calls[0]
-            means[path] = {
-                key: np.max([call[key] / self.generations for call in calls], axis=0).tolist() for key in keys
-            }
-        return means
 
     def close(self) -> None:
         if self.bar is not None:

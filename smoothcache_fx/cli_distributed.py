@@ -44,9 +44,15 @@ def launched(device: str) -> Iterator[Launch]:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         yield Launch(rank, world, device)
-    finally:
-        if owned:
+    except BaseException:
+        if owned:  # another rank may never reach a barrier now: tear down without one
             dist.destroy_process_group()
+        raise
+    if owned:
+        # Every rank done with the group before any tears it down: a gloo rank whose peer closed
+        # its connections first can abort in teardown ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def share(items: Sequence, launch: Launch, flag: str) -> list:

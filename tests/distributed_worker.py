@@ -54,7 +54,7 @@ def main(case: str, out: Path) -> None:
         try:
             result = context_parallel(case.removeprefix("context-parallel-"))
         finally:
-            dist.destroy_process_group()
+            close_group()
         (out / f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
         return
     model = tiny_dit()
@@ -75,8 +75,18 @@ def main(case: str, out: Path) -> None:
     except Exception as error:
         result = {"raised": type(error).__name__, "message": str(error)}
     finally:
-        dist.destroy_process_group()
+        close_group()
     (out / f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+def close_group() -> None:
+    """Every rank done with the group before any rank tears it down: a gloo rank whose peer closed
+    its connections first can abort in teardown ("terminate called without an active exception",
+    seen once in CI under load)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _subgroup(model, run) -> str:
