@@ -32,6 +32,7 @@ import smoothcache_fx.kernels  # noqa: F401  (registers the torch.ops.smoothcach
 from smoothcache_fx.kernels.compat import COND, returns_alias
 from smoothcache_fx.passes.branches import BlockBranches, ResidualSite
 from smoothcache_fx.passes.narrow import split_linears_by_chunk
+from smoothcache_fx.passes.specialise import emit_prediction, replace_residual_add
 
 GATED_RESIDUAL_ADD_AND_CACHE = torch.ops.smoothcache_fx.gated_residual_add_and_cache.default
 GATED_RESIDUAL_ADD = torch.ops.smoothcache_fx.gated_residual_add.default
@@ -236,21 +237,10 @@ def _forecast(operands: list[Node], histories: list[Node], outputs: list[Node]) 
         graph.placeholder(node.name)
     placeholders = [graph.placeholder(history.name) for history in histories]
     weights = graph.placeholder("weights")
-    aten = torch.ops.aten
     outs = []
     for history, placeholder, out in zip(histories, placeholders, outputs, strict=True):
-        prediction = None
-        for i in range(history.meta["val"].shape[0]):
-            weight = graph.call_function(aten.select.int, (weights, 0, i))
-            past = graph.call_function(aten.select.int, (placeholder, 0, i))
-            past = graph.call_function(aten._to_copy.default, (past,), {"dtype": torch.float32})
-            term = graph.call_function(aten.mul.Tensor, (weight, past))
-            prediction = (
-                term if prediction is None else graph.call_function(aten.add.Tensor, (prediction, term))
-            )
-        outs.append(
-            graph.call_function(aten._to_copy.default, (prediction,), {"dtype": out.meta["val"].dtype})
-        )
+        slots = history.meta["val"].shape[0]
+        outs.append(emit_prediction(graph, placeholder, weights, out.meta["val"].dtype, slots))
     graph.output(tuple(outs))
     return GraphModule(torch.nn.Module(), graph)
 
@@ -270,12 +260,7 @@ def _fuse_forecast(
         shifted = graph.call_function(aten.cat.default, ([older, newest], 0))
         kept = graph.call_function(aten.where.self, (pred, shifted, history))
         graph.call_function(aten.copy_.default, (history, kept))
-    fused.meta = copy.copy(add.meta)
-    add.replace_all_uses_with(fused)
-    graph.erase_node(add)
-    nodes[site.add] = fused
-    if site.mul is not None and not nodes[site.mul].users:
-        graph.erase_node(nodes[site.mul])
+    replace_residual_add(graph, nodes, site, fused)
 
 
 def _fuse(graph: Graph, nodes: dict, site: ResidualSite, value: Node, cache: Node) -> None:
@@ -283,9 +268,4 @@ def _fuse(graph: Graph, nodes: dict, site: ResidualSite, value: Node, cache: Nod
     gate = None if site.gate is None else nodes[site.gate]
     with graph.inserting_before(add):
         fused = graph.call_function(GATED_RESIDUAL_ADD_AND_CACHE, (nodes[site.residual], value, gate, cache))
-    fused.meta = copy.copy(add.meta)
-    add.replace_all_uses_with(fused)
-    graph.erase_node(add)
-    nodes[site.add] = fused
-    if site.mul is not None and not nodes[site.mul].users:
-        graph.erase_node(nodes[site.mul])
+    replace_residual_add(graph, nodes, site, fused)

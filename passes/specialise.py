@@ -182,7 +182,9 @@ def _rewrite_forecast_site(
         elif kernel == "op" and set(branch.users) <= own_users:
             fused = graph.call_function(GATED_RESIDUAL_FORECAST, (residual, history, weights, gate))
         else:  # plain ops, or X also feeds other nodes: each of them reads the prediction
-            prediction = _emit_prediction(graph, history, weights, branch.meta["val"].dtype)
+            prediction = emit_prediction(
+                graph, history, weights, branch.meta["val"].dtype, history.meta["val"].shape[0]
+            )
             prediction.meta["val"] = branch.meta["val"]
             branch.replace_all_uses_with(prediction)
             fused = (
@@ -190,12 +192,7 @@ def _rewrite_forecast_site(
                 if kernel == "inductor"
                 else graph.call_function(GATED_RESIDUAL_ADD, (residual, prediction, gate))
             )
-    fused.meta = copy.copy(add.meta)
-    add.replace_all_uses_with(fused)
-    graph.erase_node(add)
-    nodes[site.add] = fused
-    if site.mul is not None and not nodes[site.mul].users:
-        graph.erase_node(nodes[site.mul])
+    replace_residual_add(graph, nodes, site, fused)
 
 
 def _emit_history_shift(graph, branch: Node, history: Node) -> None:
@@ -210,12 +207,26 @@ def _emit_history_shift(graph, branch: Node, history: Node) -> None:
     graph.call_function(aten.copy_.default, (newest, branch))
 
 
-def _emit_prediction(graph, history: Node, weights: Node, dtype: torch.dtype) -> Node:
-    """Plain ATen ops for `sum_i weights[i] * history[i]` in fp32, rounded once to `dtype` (the
-    reference's expression: `gated_residual_forecast_reference`)."""
+def replace_residual_add(graph, nodes: dict, site: ResidualSite, fused: Node) -> None:
+    """Put `fused` in place of the site's residual add (its meta kept), and drop the gate multiply
+    if nothing else reads it. `nodes` maps the site's node names to this graph's nodes; a later
+    site may use this update as its residual, so the entry is updated too. Both passes use it."""
+    add = nodes[site.add]
+    fused.meta = copy.copy(add.meta)
+    add.replace_all_uses_with(fused)
+    graph.erase_node(add)
+    nodes[site.add] = fused
+    if site.mul is not None and not nodes[site.mul].users:
+        graph.erase_node(nodes[site.mul])
+
+
+def emit_prediction(graph, history: Node, weights: Node, dtype: torch.dtype, slots: int) -> Node:
+    """Plain ATen ops for `sum_i weights[i] * history[i]` over the history's `slots` entries, in
+    fp32, rounded once to `dtype` (the reference's expression: `gated_residual_forecast_reference`).
+    Both passes use it: the variants inline, the graph form in a cond's skip branch."""
     aten = torch.ops.aten
     prediction = None
-    for i in range(history.meta["val"].shape[0]):
+    for i in range(slots):
         weight = graph.call_function(aten.select.int, (weights, 0, i))
         past = graph.call_function(aten.select.int, (history, 0, i))
         past = graph.call_function(aten._to_copy.default, (past,), {"dtype": torch.float32})
@@ -240,12 +251,7 @@ def _rewrite_site(graph, nodes: dict, site: ResidualSite, cache: Node, computes:
             fused = graph.call_function(GATED_RESIDUAL_ADD_AND_CACHE, (residual, branch, gate, cache))
         else:
             fused = graph.call_function(GATED_RESIDUAL_ADD, (residual, branch, gate))
-    fused.meta = copy.copy(add.meta)
-    add.replace_all_uses_with(fused)
-    graph.erase_node(add)
-    nodes[site.add] = fused  # a later site may use this update as its residual
-    if site.mul is not None and not nodes[site.mul].users:
-        graph.erase_node(nodes[site.mul])
+    replace_residual_add(graph, nodes, site, fused)
 
 
 def _emit_decomposed(graph, residual: Node, branch: Node, gate: Node | None, cache: Node | None) -> Node:
