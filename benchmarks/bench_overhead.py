@@ -40,14 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_pipeline import (
-    _delta,
-    _dynamo_compile_seconds,
-    _fresh_inductor_cache,
+from common import (
+    dynamo_compile_seconds,
     dynamo_counts,
+    dynamo_delta,
+    environment,
+    fresh_inductor_cache,
     prime_compiler,
 )
-from common import environment
 
 import smoothcache_fx
 from smoothcache_fx import Schedule
@@ -178,13 +178,13 @@ def run(args) -> dict:
     prime_compiler(torch.device("cpu"))
     reference = generate(base, labels, num_steps=args.steps, generator=torch.Generator().manual_seed(0))
     for row in rows:
-        before, compiling = dynamo_counts(), _dynamo_compile_seconds()
+        before, compiling = dynamo_counts(), dynamo_compile_seconds()
         start = time.perf_counter()
-        with _fresh_inductor_cache():  # no row compiles faster for graphs an earlier row or run cached
+        with fresh_inductor_cache():  # no row compiles faster for graphs an earlier row or run cached
             row.result["output"] = sample(row, labels, args.steps)
         row.result["first_s"] = time.perf_counter() - start
-        row.result["dynamo_compile_s"] = _dynamo_compile_seconds() - compiling
-        row.result["warmup"] = _delta(before, dynamo_counts())
+        row.result["dynamo_compile_s"] = dynamo_compile_seconds() - compiling
+        row.result["warmup"] = dynamo_delta(before, dynamo_counts())
         print(f"[warm-up] {row.name}: {row.result['first_s']:.1f} s ({row.note()})", flush=True)
     times = {row.name: [] for row in rows}
     cpu_times = {row.name: [] for row in rows}
@@ -197,7 +197,7 @@ def run(args) -> dict:
             sample(row, labels, args.steps)
             times[row.name].append(time.perf_counter() - start)
             cpu_times[row.name].append(time.process_time() - start_cpu)
-            delta = _delta(before, dynamo_counts())
+            delta = dynamo_delta(before, dynamo_counts())
             timed_counts[row.name] = {k: timed_counts[row.name][k] + delta[k] for k in delta}
     ideal = ideal_speedups(base, schedule, labels, args.steps, rows, args.fbc_threshold)
     # With one thread, process CPU time is the steadier clock on a shared machine (time slices lost

@@ -49,9 +49,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import PeakMemory, Summary, environment, synchronize, timed
+from common import (
+    DYNAMO_KEYS,
+    PeakMemory,
+    Summary,
+    dynamo_compile_seconds,
+    dynamo_counts,
+    dynamo_delta,
+    environment,
+    fresh_inductor_cache,
+    prime_compiler,
+    synchronize,
+    timed,
+)
 from models import randomise_zero_init  # tests/models.py, on sys.path through common
-from torch._dynamo.utils import counters
 
 import smoothcache_fx
 from smoothcache_fx import Schedule
@@ -434,68 +445,20 @@ def generate(row: Row, inputs: Inputs, limit: int | None = None) -> torch.Tensor
     return run.x
 
 
-DYNAMO_KEYS = ("graphs", "breaks", "recompiles")
-
-
-def dynamo_counts() -> dict:
-    """Graphs compiled, graph breaks, and each frame's compile count so far. torch 2.13 no longer
-    increments counters["recompiles"], so recompiles are read from dynamo's per-frame compile counter
-    (the `[frame/compile]` ids of TORCH_LOGS=recompiles)."""
-    frames = getattr(torch._dynamo.convert_frame, "FRAME_COMPILE_COUNTER", {})
-    return {
-        "graphs": counters["stats"]["unique_graphs"],
-        "breaks": sum(counters["graph_break"].values()),
-        "frames": dict(frames),
-    }
-
-
-def _delta(before: dict, after: dict) -> dict[str, int]:
-    """What happened between two `dynamo_counts`. A recompile is a frame compiled more than once in
-    between: a row's first compile of a frame that an earlier row (another model instance of the
-    same class) compiled too is its own first compile, not a recompile."""
-    frames = after["frames"]
-    return {
-        "graphs": after["graphs"] - before["graphs"],
-        "breaks": after["breaks"] - before["breaks"],
-        "recompiles": sum(max(0, n - before["frames"].get(f, 0) - 1) for f, n in frames.items()),
-    }
-
-
 def warm_up(row: Row, inputs: Inputs, device, fresh_compile_cache: bool) -> None:
     """First generation: includes compilation (compiled rows) or capture (sc-eager). Records its
     wall time and the time dynamo itself spent compiling (immune to the machine's speed drifting
     between this generation and the timed ones)."""
     fresh = fresh_compile_cache and row.kind in COMPILED_ROWS
-    before, compiling = dynamo_counts(), _dynamo_compile_seconds()
-    with _fresh_inductor_cache() if fresh else contextlib.nullcontext():
+    before, compiling = dynamo_counts(), dynamo_compile_seconds()
+    with fresh_inductor_cache() if fresh else contextlib.nullcontext():
         output, seconds, _ = timed(lambda: generate(row, inputs), device)
     row.result.update(
         first_s=seconds,
         first_output=output,
-        dynamo_compile_s=_dynamo_compile_seconds() - compiling,
-        warmup_dynamo=_delta(before, dynamo_counts()),
+        dynamo_compile_s=dynamo_compile_seconds() - compiling,
+        warmup_dynamo=dynamo_delta(before, dynamo_counts()),
     )
-
-
-def _dynamo_compile_seconds() -> float:
-    """Wall seconds dynamo spent compiling frames so far (tracing, AOT and inductor included)."""
-    return sum(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", []))
-
-
-def prime_compiler(device) -> None:
-    """Pay inductor's once-per-process start-up (hashing torch and triton, worker pools) before any
-    row, so that it is not charged to the first compiled row's compile time."""
-    with _fresh_inductor_cache():
-        torch.compile(lambda x: torch.nn.functional.gelu(x) + 1, fullgraph=True)(torch.ones(4, device=device))
-
-
-@contextlib.contextmanager
-def _fresh_inductor_cache():
-    """A clean inductor cache (disk and memory) so compile times do not benefit from earlier rows."""
-    from torch._inductor.utils import fresh_cache
-
-    with fresh_cache():
-        yield
 
 
 def measure(rows: list[Row], inputs: Inputs, repeats: int, device) -> None:
@@ -518,7 +481,7 @@ def measure(rows: list[Row], inputs: Inputs, repeats: int, device) -> None:
                 _, seconds, cpu_seconds = timed(lambda run=run, i=i: run.step(i), device)
                 wall[id(run)].append(seconds)
                 cpu[id(run)].append(cpu_seconds)
-                delta = _delta(before, dynamo_counts())
+                delta = dynamo_delta(before, dynamo_counts())
                 result = run.row.result
                 result["timed_dynamo"] = {k: v + delta[k] for k, v in result["timed_dynamo"].items()}
         for run in runs:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 # Linux resets a process's peak RSS (VmHWM in /proc/self/status) when "5" is written to
 # /proc/self/clear_refs (proc(5), "clear_refs", since Linux 4.0). That gives a per-interval high-water
@@ -154,3 +155,52 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+# -- dynamo and inductor accounting (shared by the compiled benchmarks) --
+DYNAMO_KEYS = ("graphs", "breaks", "recompiles")
+
+
+def dynamo_counts() -> dict:
+    """Graphs compiled, graph breaks, and each frame's compile count so far. torch 2.13 no longer
+    increments counters["recompiles"], so recompiles are read from dynamo's per-frame compile counter
+    (the `[frame/compile]` ids of TORCH_LOGS=recompiles)."""
+    frames = getattr(torch._dynamo.convert_frame, "FRAME_COMPILE_COUNTER", {})
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "breaks": sum(counters["graph_break"].values()),
+        "frames": dict(frames),
+    }
+
+
+def dynamo_delta(before: dict, after: dict) -> dict[str, int]:
+    """What happened between two `dynamo_counts`. A recompile is a frame compiled more than once in
+    between: a row's first compile of a frame that an earlier row (another model instance of the
+    same class) compiled too is its own first compile, not a recompile."""
+    frames = after["frames"]
+    return {
+        "graphs": after["graphs"] - before["graphs"],
+        "breaks": after["breaks"] - before["breaks"],
+        "recompiles": sum(max(0, n - before["frames"].get(f, 0) - 1) for f, n in frames.items()),
+    }
+
+
+def dynamo_compile_seconds() -> float:
+    """Wall seconds dynamo spent compiling frames so far (tracing, AOT and inductor included)."""
+    return sum(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", []))
+
+
+def prime_compiler(device) -> None:
+    """Pay inductor's once-per-process start-up (hashing torch and triton, worker pools) before any
+    row, so that it is not charged to the first compiled row's compile time."""
+    with fresh_inductor_cache():
+        torch.compile(lambda x: torch.nn.functional.gelu(x) + 1, fullgraph=True)(torch.ones(4, device=device))
+
+
+@contextlib.contextmanager
+def fresh_inductor_cache():
+    """A clean inductor cache (disk and memory) so compile times do not benefit from earlier rows."""
+    from torch._inductor.utils import fresh_cache
+
+    with fresh_cache():
+        yield

@@ -5,18 +5,24 @@ For every method and setting, on the shipped digits DiT (50 DDIM steps, guidance
 
 - quality over `--samples` samples (evenly over the 10 digits, one batch, fixed noise): PSNR of the
   samples against the uncached ones from the same noise, the shipped classifier's accuracy, and the
-  Fréchet distance between the uncached and the cached samples in the classifier's 64-d feature
-  space (its penultimate layer; the FID recipe with this classifier in place of Inception);
+  Fréchet distance in the classifier's 64-d feature space (its penultimate layer; the FID recipe
+  with this classifier in place of Inception) to the uncached samples and to the held-out real
+  digits (the fifth of scikit-learn's digits the classifier never saw; needs scikit-learn);
 - speed on the demo's batch (`--time-per-class` per digit): median time per generation over
-  `--repeats`, rows interleaved, compiled where the method compiles (ours: `transform(...,
-  compile=True)`; the uncached baseline: `torch.compile(model, fullgraph=True)`; hooks and the
-  helper: `torch.compile(model)`, graph breaks allowed, or eager when that fails), against the
-  compiled uncached model;
+  `--repeats`, compiled where the method compiles (ours: `transform(..., compile=True)`; the
+  uncached baseline: `torch.compile(model, fullgraph=True)`; hooks and the helper:
+  `torch.compile(model)`, graph breaks allowed, or eager when that fails), against the compiled
+  uncached model. Each row is compiled and timed alone after `torch._dynamo.reset()`: rows share
+  code objects (the DiT's forward, each hook's `new_forward`), and their guard entries and
+  recompiles would otherwise slow each other (the uncached baseline ran 1.7x slower at the end of
+  an interleaved run). The baseline is timed first and last; graph breaks and recompiles are
+  counted per row;
 - ideal speed-up where a FLOP model exists (ours: calibrated per-branch FLOPs).
 
 Methods: ours with reuse (alpha sweep), ours with forecasting (alpha sweep, predictor orders <= 2),
 diffusers 0.42 hooks that apply to `DiTTransformer2DModel` (FirstBlockCache thresholds,
-TaylorSeerCache intervals, MagCache thresholds, PyramidAttentionBroadcast ranges), and
+TaylorSeerCache intervals, MagCache thresholds with ratios from its own calibration run,
+PyramidAttentionBroadcast ranges, FasterCache with the guidance halves in its order), and
 `SmoothCache.DiffuserCacheHelper` (pip dit-smoothcache, attn1 only) with our reuse schedules' attn1
 masks. A method that cannot run on this model is reported as skipped with the reason.
 
@@ -28,8 +34,10 @@ masks. A method that cannot run on this model is reported as skipped with the re
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
+import gc
 import io
 import json
 import statistics
@@ -39,11 +47,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from common import dynamo_counts, dynamo_delta
 
 from smoothcache_fx import Schedule, calibrate, transform
 from smoothcache_fx.demo.classifier import load_digits_classifier
 from smoothcache_fx.demo.job import MAX_ACCURACY_DROP, MIN_PSNR_DB, psnr
 from smoothcache_fx.demo.model import NUM_CLASSES, generate, load_demo_model
+from smoothcache_fx.demo.train import load_digits_tensors, test_mask
 
 ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
 QUICK_ALPHAS = (0.1, 0.2, 0.4, 0.8)
@@ -61,24 +71,42 @@ class Method:
     # size) runs the eager variants instead of compiling every variant twice.
     make_compiled: Callable[[], torch.nn.Module] | None = None
     result: dict = field(default_factory=dict)
+    # The eager model and its reset from the quality pass, kept for the timing pass.
+    net: torch.nn.Module | None = None
+    reset: Callable[[], None] | None = None
 
 
 class _InCacheContext(torch.nn.Module):
     """A diffusers-hooked DiT called inside `cache_context("cond")` (the hooks keep their state per
-    context), with the current timestep published for PAB's callback."""
+    context), with the current timestep published for PAB's and FasterCache's callbacks.
 
-    def __init__(self, model, clock: dict):
+    `unconditional_first`: the demo batches guidance as [conditional, null class]; FasterCache
+    splits a batch as [unconditional, conditional] (diffusers' pipelines' order), so for it the
+    halves are swapped on the way in and back on the way out."""
+
+    def __init__(self, model, clock: dict, unconditional_first: bool = False):
         super().__init__()
         self.model = model
         self.clock = clock
+        self.unconditional_first = unconditional_first
 
     def forward(self, x, timestep, class_labels):
         self.clock["t"] = int(timestep.reshape(-1)[0])
+        if self.unconditional_first:
+            x, timestep, class_labels = (_swap_halves(t) for t in (x, timestep, class_labels))
         with self.model.cache_context("cond"):
-            return self.model(x, timestep=timestep, class_labels=class_labels)
+            out = self.model(hidden_states=x, timestep=timestep, class_labels=class_labels)
+        if self.unconditional_first:
+            out.sample = _swap_halves(out.sample)
+        return out
 
 
-def _hooked(base, config_factory):
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    first, second = tensor.chunk(2)
+    return torch.cat([second, first])
+
+
+def _hooked(base, config_factory, unconditional_first: bool = False):
     """A copy of `base` with a diffusers cache enabled (DiTTransformer2DModel gets CacheMixin: its
     BasicTransformerBlocks are in diffusers' block registry, its attention layers diffusers'
     Attention), wrapped to run in a cache context."""
@@ -88,7 +116,23 @@ def _hooked(base, config_factory):
     model.__class__ = type(type(model).__name__, (type(model), CacheMixin), {})
     clock = {"t": 999}
     model.enable_cache(config_factory(clock))
-    return _InCacheContext(model, clock), model._reset_stateful_cache
+    return _InCacheContext(model, clock, unconditional_first), model._reset_stateful_cache
+
+
+def mag_cache_ratios(base, labels, steps: int) -> list[float]:
+    """MagCache's own calibration (`MagCacheConfig(calibrate=True)`): one uncached generation with
+    the hooks measuring each step's residual magnitude ratio, which diffusers prints at the end."""
+    from diffusers.hooks import MagCacheConfig
+
+    net, reset = _hooked(base, lambda clock: MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    printed = io.StringIO()
+    reset()
+    with torch.no_grad(), contextlib.redirect_stdout(printed):
+        generate(net, labels, steps, generator=torch.Generator().manual_seed(1000))
+    lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+    if not lists:
+        raise RuntimeError(f"MagCache calibration printed no ratios: {printed.getvalue()[:300]!r}")
+    return [float(value) for value in ast.literal_eval(lists[-1])]
 
 
 def _helper(base, mask):
@@ -100,8 +144,9 @@ def _helper(base, mask):
     return model, helper.reset_state
 
 
-def methods(base, errors, steps: int, quick: bool) -> list[Method]:
+def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> list[Method]:
     from diffusers.hooks import (
+        FasterCacheConfig,
         FirstBlockCacheConfig,
         MagCacheConfig,
         PyramidAttentionBroadcastConfig,
@@ -158,7 +203,7 @@ def methods(base, errors, steps: int, quick: bool) -> list[Method]:
                 lambda th=threshold: _hooked(
                     base,
                     lambda clock: MagCacheConfig(
-                        threshold=th, num_inference_steps=steps, mag_ratios=[1.0] * steps
+                        threshold=th, num_inference_steps=steps, mag_ratios=mag_ratios
                     ),
                 ),
             )
@@ -175,6 +220,31 @@ def methods(base, errors, steps: int, quick: bool) -> list[Method]:
                         spatial_attention_timestep_skip_range=(-1, 1000),
                         current_timestep_callback=lambda: clock["t"],
                     ),
+                ),
+            )
+        )
+    for skip in (2, 3) if quick else (2, 3, 4):
+        found.append(
+            Method(
+                "diffusers FasterCache",
+                f"spatial skip {skip}, unconditional every 5",
+                lambda k=skip: _hooked(
+                    base,
+                    lambda clock: FasterCacheConfig(
+                        spatial_attention_block_skip_range=k,
+                        spatial_attention_timestep_skip_range=(-1, 681),
+                        unconditional_batch_skip_range=5,
+                        unconditional_batch_timestep_skip_range=(-1, 641),
+                        current_timestep_callback=lambda: clock["t"],
+                        attention_weight_callback=lambda _: 0.5,
+                        tensor_format="BCHW",
+                        _unconditional_conditional_input_kwargs_identifiers=[
+                            "hidden_states",
+                            "timestep",
+                            "class_labels",
+                        ],
+                    ),
+                    unconditional_first=True,
                 ),
             )
         )
@@ -195,6 +265,17 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(max(distance, 0.0))  # equal sets give 0 up to rounding, which may be -1e-12
 
 
+def _held_out_features(classifier) -> torch.Tensor | None:
+    """Classifier features of the held-out real digits (the fifth of scikit-learn's digits the
+    classifier never trained on), or None without scikit-learn."""
+    try:
+        images, labels = load_digits_tensors()
+    except ImportError as error:
+        print(f"[note] no distance to real digits (pip install scikit-learn): {error}")
+        return None
+    return _features(classifier, images[test_mask(len(labels))])[0]
+
+
 def _features(classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate features [N, 64], predicted labels)."""
     with torch.no_grad():
@@ -209,11 +290,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="100 samples, 1 repeat, fewer settings")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.repeats = min(args.samples, 100), 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_demo_model()
     classifier = load_digits_classifier()
     quality_labels = torch.arange(args.samples) % NUM_CLASSES
@@ -233,12 +317,12 @@ def main(argv=None) -> list[dict]:
     uncached = sample(base, quality_labels)
     uncached_features, uncached_pred = _features(classifier, uncached)
     uncached_accuracy = (uncached_pred == quality_labels).float().mean().item()
+    real_features = _held_out_features(classifier)
+    uncached_fd_real = None if real_features is None else frechet_distance(real_features, uncached_features)
+    mag_ratios = mag_cache_ratios(base, timing_labels, args.steps)
 
-    rows: dict[str, tuple] = {
-        "uncached (compiled)": (torch.compile(copy.deepcopy(base), fullgraph=True), lambda: None)
-    }
     points = []
-    for method in methods(base, errors, args.steps, args.quick):
+    for method in methods(base, errors, args.steps, args.quick, mag_ratios):
         name = f"{method.family}: {method.setting}"
         try:  # a hook that does not fit this model: report it and go on
             net, reset = method.make()
@@ -246,12 +330,6 @@ def main(argv=None) -> list[dict]:
         except Exception as error:
             print(f"[skip] {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}")
             continue
-        compiled = method.make_compiled() if method.make_compiled else torch.compile(net)
-        try:
-            sample(compiled, timing_labels, reset)  # compiles here
-        except Exception as error:
-            print(f"[eager] {name}: torch.compile failed ({type(error).__name__}); timing eagerly")
-            compiled = net
         features, predicted = _features(classifier, images)
         method.result = {
             "family": method.family,
@@ -260,28 +338,71 @@ def main(argv=None) -> list[dict]:
             "psnr_db": psnr(images, uncached),
             "accuracy": (predicted == quality_labels).float().mean().item(),
             "frechet": frechet_distance(uncached_features, features),
-            "compiled": compiled is not net,
+            "frechet_real": None if real_features is None else frechet_distance(real_features, features),
             "cache_bytes": net.smoothcache.cache_bytes if hasattr(net, "smoothcache") else None,
         }
-        rows[name] = (compiled, reset)
+        method.net, method.reset = net, reset
         points.append(method)
-        del net, images
+        del images
 
-    for compiled, reset in rows.values():
-        sample(compiled, timing_labels, reset)  # warm-up
-    times = {name: [] for name in rows}
-    for _ in range(args.repeats):
-        for name, (compiled, reset) in rows.items():
+    def time_alone(name, make_compiled, net, reset) -> list[float]:
+        """Compile and time one row with dynamo's caches emptied first: rows that share code objects
+        (every DiT forward, every hook's `new_forward`) would otherwise pile guard entries and
+        recompiles onto each other, which no deployment of one of them pays."""
+        torch._dynamo.reset()
+        gc.collect()  # not inside a timed generation
+        compiled = make_compiled()
+        before = dynamo_counts()
+        try:
+            sample(compiled, timing_labels, reset)  # compiles here
+        except Exception as error:
+            print(f"[eager] {name}: torch.compile failed ({type(error).__name__}); timing eagerly")
+            compiled = net
+            sample(compiled, timing_labels, reset)
+        times = []
+        for _ in range(args.repeats):
             start = time.perf_counter()
             sample(compiled, timing_labels, reset)
-            times[name].append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
+        dynamo = dynamo_delta(before, dynamo_counts())
+        if net is not None:
+            result = next(m.result for m in points if f"{m.family}: {m.setting}" == name)
+            result.update(
+                compiled=compiled is not net, graph_breaks=dynamo["breaks"], recompiles=dynamo["recompiles"]
+            )
+        return times
+
+    def time_uncached():
+        uncached_net = copy.deepcopy(base)
+        return time_alone("uncached", lambda: torch.compile(uncached_net, fullgraph=True), None, lambda: None)
+
+    times = {"uncached (compiled)": time_uncached()}
+    for method in points:
+        name = f"{method.family}: {method.setting}"
+        make = method.make_compiled or (lambda net=method.net: torch.compile(net))
+        times[name] = time_alone(name, make, method.net, method.reset)
+        method.net = None
+    first_uncached = statistics.median(times["uncached (compiled)"])
+    times["uncached (compiled)"] += time_uncached()  # again at the end: the machine's drift
+    print(
+        f"uncached compiled, first and last: {first_uncached * 1e3:.0f} and "
+        f"{statistics.median(times['uncached (compiled)'][args.repeats :]) * 1e3:.0f} ms/generation"
+    )
     base_s = statistics.median(times["uncached (compiled)"])
     results = []
     print(
         f"uncached compiled: {base_s * 1e3:.0f} ms/generation ({len(timing_labels)} samples x "
         f"{args.steps} steps); quality over {args.samples} samples, uncached accuracy {uncached_accuracy:.1%}"
+        + (
+            ""
+            if uncached_fd_real is None
+            else f", uncached FD to held-out real digits {uncached_fd_real:.3f}"
+        )
     )
-    print(f"{'method':<58}{'ideal':>7}{'measured':>9}{'PSNR':>7}{'acc':>7}{'FD':>8}  bar")
+    print(
+        f"{'method':<58}{'ideal':>7}{'measured':>9}{'PSNR':>7}{'acc':>7}{'FD':>8}{'FD real':>8}"
+        f"{'breaks':>7}{'recomp':>7}  bar"
+    )
     for method in points:
         name = f"{method.family}: {method.setting}"
         result = method.result | {"measured_speedup": base_s / statistics.median(times[name])}
@@ -292,7 +413,9 @@ def main(argv=None) -> list[dict]:
         ideal = "-" if result["ideal_speedup"] is None else f"{result['ideal_speedup']:.2f}x"
         print(
             f"{name[:57]:<58}{ideal:>7}{result['measured_speedup']:>8.2f}x{result['psnr_db']:>7.1f}"
-            f"{result['accuracy']:>7.1%}{result['frechet']:>8.3f}  {'kept' if result['keeps_quality'] else '-'}"
+            f"{result['accuracy']:>7.1%}{result['frechet']:>8.3f}"
+            f"{'-' if result['frechet_real'] is None else format(result['frechet_real'], '.3f'):>8}"
+            f"{result['graph_breaks']:>7}{result['recompiles']:>7}  {'kept' if result['keeps_quality'] else '-'}"
             f"{'' if result['compiled'] else ' (eager)'}"
         )
     summary = {
@@ -302,6 +425,7 @@ def main(argv=None) -> list[dict]:
         "repeats": args.repeats,
         "uncached_s": base_s,
         "uncached_accuracy": uncached_accuracy,
+        "uncached_frechet_real": uncached_fd_real,
         "points": results,
     }
     if args.json:
