@@ -1,5 +1,6 @@
 """`export_package`: an AOTInductor package of the graph form that a process importing torch alone
-loads and runs over whole generations, equal to the eager transformed model, with a step reset."""
+loads and runs over whole generations, equal to the eager transformed model (reuse and forecast
+branches), with a step reset."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from smoothcache_fx import Schedule
 from smoothcache_fx.demo.model import load_demo_model, make_scheduler
 
 STEPS = 6
-SCHEDULE = Schedule.from_dict({"attn1": [1, 0, 1, 0, 0, 1], "ff": [1, 1, 0, 1, 0, 1]})
+# attn1 reuses; ff forecasts (order 1: its history buffer and per-step weights table travel in the
+# package too), at lag 1 after two computes (step 2) and after a gap (step 4: computes at 1 and 3).
+SCHEDULE = Schedule.from_dict({"attn1": [1, 0, 1, 0, 0, 1], "ff": [1, 1, 0, 1, 0, 1]}).with_orders({"ff": 1})
 
 
 def _inputs():
