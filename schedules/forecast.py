@@ -4,8 +4,11 @@ A branch of predictor order k keeps its last k+1 computed outputs (its history, 
 step that skips it, its output is extrapolated with the Lagrange polynomial through those outputs
 placed at the steps that computed them: order 0 repeats the last output (plain reuse), order 1 is
 the line through the last two (`h1 + (h1 - h0) * lag / gap`), order 2 the parabola through the last
-three. The polynomial is in step index, not in the sampler's timestep: with a static schedule every
-weight is then a constant of (schedule, step), decided before the first model call.
+three. The polynomial is in step index, which makes every weight a constant of (schedule, step),
+decided before the first model call, whatever the scheduler. Measured against the timestep, sigma
+and log sigma on the demo DiT (`benchmarks/forecast_nodes.py`, BENCHMARKS.md): the same as the
+timestep under evenly spaced DDIM steps, and the best for order 1 wherever skip runs are longer than
+one step; sigma helps only order 2, which stays worse than order 1 there.
 
 The weights are what the fused forecast op reads: `prediction = sum_i weights[i] * history[i]`.
 Before a branch has computed k+1 times the forecast uses the computes it has (a lower order); the
