@@ -35,7 +35,6 @@ import io
 import json
 import statistics
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +46,12 @@ from common import (
     dynamo_delta,
     environment,
     fresh_inductor_cache,
+    own_forward,
     prime_compiler,
 )
 
 import smoothcache_fx
 from smoothcache_fx import Schedule
-from smoothcache_fx.compile import fresh_code_copy
 from smoothcache_fx.demo.job import psnr
 from smoothcache_fx.demo.model import generate, load_demo_model
 from smoothcache_fx.flops import flop_counter
@@ -94,16 +93,6 @@ def make_schedule(name: str, steps: int) -> Schedule:
             raise SystemExit(f"{path} not found: Roblox ships it for 50 steps only (--steps 50).")
         return Schedule.load(path).rename({"attn": "attn1", "mlp": "ff"})
     return Schedule.load(name)
-
-
-def own_forward(model: torch.nn.Module, row: str) -> torch.nn.Module:
-    """`model` with a forward whose code object is its own. Dynamo keeps its compiled entries per
-    code object and, with nn modules inlined, does not guard on which instance calls: without this,
-    the baseline's calls after the helper's warm-up matched the helper's graph-broken entries (seen
-    in torch.profiler as the helper's `Torch-Compiled Region`s) and ran slower, inflating every
-    ratio to "compile"."""
-    model.forward = types.MethodType(fresh_code_copy(type(model).forward, f"bench_{row}"), model)
-    return model
 
 
 def build_rows(names: list[str], base: torch.nn.Module, schedule: Schedule, args) -> list[Row]:

@@ -19,11 +19,14 @@ import resource
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
+
+from smoothcache_fx.compile import fresh_code_copy
 
 # Linux resets a process's peak RSS (VmHWM in /proc/self/status) when "5" is written to
 # /proc/self/clear_refs (proc(5), "clear_refs", since Linux 4.0). That gives a per-interval high-water
@@ -204,3 +207,14 @@ def fresh_inductor_cache():
 
     with fresh_cache():
         yield
+
+
+def own_forward(model: torch.nn.Module, row: str) -> torch.nn.Module:
+    """`model` with a forward whose code object is its own. Dynamo keeps its compiled entries per
+    code object and, with nn modules inlined, does not guard on which instance calls. Without this,
+    a baseline compiled beside a peer of the same class runs the peer's entries: in bench_overhead
+    the baseline's calls after the helper's warm-up ran the helper's graph-broken entries (seen in
+    torch.profiler as the helper's `Torch-Compiled Region`s), and in frontier.py a FirstBlockCache
+    row's entries made the baseline recompile a block at its next call (a 25x "speed-up" in a quick run)."""
+    model.forward = types.MethodType(fresh_code_copy(type(model).forward, f"bench_{row}"), model)
+    return model

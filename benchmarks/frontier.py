@@ -12,11 +12,11 @@ For every method and setting, on the shipped digits DiT (50 DDIM steps, guidance
   `--repeats`, compiled where the method compiles (ours: `transform(..., compile=True)`; the
   uncached baseline: `torch.compile(model, fullgraph=True)`; hooks and the helper:
   `torch.compile(model)`, graph breaks allowed, or eager when that fails), against the compiled
-  uncached model. Each row is compiled and timed alone after `torch._dynamo.reset()`: rows share
-  code objects (the DiT's forward, each hook's `new_forward`), and their guard entries and
-  recompiles would otherwise slow each other (the uncached baseline ran 1.7x slower at the end of
-  an interleaved run). The baseline is timed first and last; graph breaks and recompiles are
-  counted per row;
+  uncached model timed beside it. Each row starts from `torch._dynamo.reset()` with the baseline
+  compiled again, and the two alternate: rows share code objects (the DiT's forward, each hook's
+  `new_forward`), whose entries and recompiles would otherwise slow each other (an interleaved
+  baseline ran 1.7x slower at the end of a quick run), and the pairing cancels the machine's drift
+  (22% over a run that timed rows apart). Graph breaks and recompiles are counted per row;
 - ideal speed-up where a FLOP model exists (ours: calibrated per-branch FLOPs).
 
 Methods: ours with reuse (alpha sweep), ours with forecasting (alpha sweep, predictor orders <= 2),
@@ -29,6 +29,7 @@ masks. A method that cannot run on this model is reported as skipped with the re
     python benchmarks/frontier.py                     # the full run (quiet CPU: about an hour)
     python benchmarks/frontier.py --quick             # 100 samples, 1 repeat, fewer settings
     python benchmarks/frontier.py --json frontier.json --plot docs/frontier.png
+    python benchmarks/frontier.py --quality-from frontier.json --json timed.json   # timing again
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from common import dynamo_counts, dynamo_delta
+from common import dynamo_counts, dynamo_delta, own_forward
 
 from smoothcache_fx import Schedule, calibrate, transform
 from smoothcache_fx.demo.classifier import load_digits_classifier
@@ -186,11 +187,17 @@ def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> l
         found.append(
             Method(
                 "diffusers TaylorSeerCache",
-                f"cache_interval={interval}",
+                f"cache_interval={interval} (attn1, ff)",
                 lambda n=interval: _hooked(
                     base,
+                    # Its default patterns (`^transformer_blocks.*attn`, re.fullmatch) match no module
+                    # of diffusers' DiT (attn1): name the branches ours caches.
                     lambda clock: TaylorSeerCacheConfig(
-                        cache_interval=n, disable_cache_before_step=3, max_order=1
+                        cache_interval=n,
+                        disable_cache_before_step=3,
+                        max_order=1,
+                        taylor_factors_dtype=torch.float32,
+                        cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"],
                     ),
                 ),
             )
@@ -265,6 +272,30 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(max(distance, 0.0))  # equal sets give 0 up to rounding, which may be -1e-12
 
 
+def _known_quality(path: str | None, args) -> dict[str, dict]:
+    """Quality results by "family: setting" from an earlier run's JSON (same samples and steps)."""
+    if path is None:
+        return {}
+    with open(path) as handle:
+        earlier = json.load(handle)
+    if (earlier["samples"], earlier["steps"]) != (args.samples, args.steps):
+        raise SystemExit(
+            f"--quality-from {path} has {earlier['samples']} samples x {earlier['steps']} steps; this run "
+            f"{args.samples} x {args.steps}: quality would not be comparable."
+        )
+    keep = (
+        "family",
+        "setting",
+        "ideal_speedup",
+        "psnr_db",
+        "accuracy",
+        "frechet",
+        "frechet_real",
+        "cache_bytes",
+    )
+    return {f"{p['family']}: {p['setting']}": {k: p[k] for k in keep} for p in earlier["points"]}
+
+
 def _held_out_features(classifier) -> torch.Tensor | None:
     """Classifier features of the held-out real digits (the fifth of scikit-learn's digits the
     classifier never trained on), or None without scikit-learn."""
@@ -291,6 +322,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="100 samples, 1 repeat, fewer settings")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument(
+        "--quality-from",
+        help="a --json of an earlier run with the same --samples and --steps: its quality figures are "
+        "taken for every method and setting it has (the timing is measured again)",
+    )
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
@@ -321,11 +357,16 @@ def main(argv=None) -> list[dict]:
     uncached_fd_real = None if real_features is None else frechet_distance(real_features, uncached_features)
     mag_ratios = mag_cache_ratios(base, timing_labels, args.steps)
 
+    known = _known_quality(args.quality_from, args)
     points = []
     for method in methods(base, errors, args.steps, args.quick, mag_ratios):
         name = f"{method.family}: {method.setting}"
         try:  # a hook that does not fit this model: report it and go on
             net, reset = method.make()
+            if name in known:
+                method.result, method.net, method.reset = known[name], net, reset
+                points.append(method)
+                continue
             images = sample(net, quality_labels, reset)
         except Exception as error:
             print(f"[skip] {name}: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}")
@@ -345,50 +386,56 @@ def main(argv=None) -> list[dict]:
         points.append(method)
         del images
 
-    def time_alone(name, make_compiled, net, reset) -> list[float]:
-        """Compile and time one row with dynamo's caches emptied first: rows that share code objects
-        (every DiT forward, every hook's `new_forward`) would otherwise pile guard entries and
-        recompiles onto each other, which no deployment of one of them pays."""
-        torch._dynamo.reset()
-        gc.collect()  # not inside a timed generation
-        compiled = make_compiled()
-        before = dynamo_counts()
+    def warm(name, compiled, net, reset):
         try:
             sample(compiled, timing_labels, reset)  # compiles here
+            return compiled
         except Exception as error:
             print(f"[eager] {name}: torch.compile failed ({type(error).__name__}); timing eagerly")
-            compiled = net
-            sample(compiled, timing_labels, reset)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            sample(compiled, timing_labels, reset)
-            times.append(time.perf_counter() - start)
-        dynamo = dynamo_delta(before, dynamo_counts())
-        if net is not None:
-            result = next(m.result for m in points if f"{m.family}: {m.setting}" == name)
-            result.update(
-                compiled=compiled is not net, graph_breaks=dynamo["breaks"], recompiles=dynamo["recompiles"]
-            )
-        return times
+            sample(net, timing_labels, reset)
+            return net
 
-    def time_uncached():
-        uncached_net = copy.deepcopy(base)
-        return time_alone("uncached", lambda: torch.compile(uncached_net, fullgraph=True), None, lambda: None)
-
-    times = {"uncached (compiled)": time_uncached()}
-    for method in points:
+    def time_beside_baseline(method) -> tuple[float, float]:
+        """(row, baseline) median seconds per generation. dynamo's caches are emptied first: rows
+        share code objects (the DiT's forward, each hook's `new_forward`), and their entries and
+        recompiles would otherwise slow each other, which no deployment of one of them pays. So the
+        compiled uncached baseline is compiled again beside each row and the two alternate, which
+        also cancels the machine's drift (22% over the run that timed rows apart)."""
         name = f"{method.family}: {method.setting}"
-        make = method.make_compiled or (lambda net=method.net: torch.compile(net))
-        times[name] = time_alone(name, make, method.net, method.reset)
+        torch._dynamo.reset()
+        gc.collect()  # not inside a timed generation
+        uncached_net = own_forward(copy.deepcopy(base), "uncached")
+        baseline = warm("uncached", torch.compile(uncached_net, fullgraph=True), uncached_net, lambda: None)
+        compiled = method.make_compiled() if method.make_compiled else torch.compile(method.net)
+        before = dynamo_counts()
+        compiled = warm(name, compiled, method.net, method.reset)
+        times = {"row": [], "baseline": []}
+        for _ in range(args.repeats):
+            for key, (model, reset) in (
+                ("baseline", (baseline, lambda: None)),
+                ("row", (compiled, method.reset)),
+            ):
+                start = time.perf_counter()
+                sample(model, timing_labels, reset)
+                times[key].append(time.perf_counter() - start)
+        dynamo = dynamo_delta(before, dynamo_counts())
+        method.result.update(
+            compiled=compiled is not method.net,
+            graph_breaks=dynamo["breaks"],
+            recompiles=dynamo["recompiles"],
+        )
+        return statistics.median(times["row"]), statistics.median(times["baseline"])
+
+    for method in points:
+        row_s, baseline_s = time_beside_baseline(method)
+        method.result.update(row_s=row_s, baseline_s=baseline_s, measured_speedup=baseline_s / row_s)
         method.net = None
-    first_uncached = statistics.median(times["uncached (compiled)"])
-    times["uncached (compiled)"] += time_uncached()  # again at the end: the machine's drift
+    baselines = [method.result["baseline_s"] for method in points]
     print(
-        f"uncached compiled, first and last: {first_uncached * 1e3:.0f} and "
-        f"{statistics.median(times['uncached (compiled)'][args.repeats :]) * 1e3:.0f} ms/generation"
+        f"uncached compiled, timed beside each row: median {statistics.median(baselines) * 1e3:.0f} ms/generation, "
+        f"{min(baselines) * 1e3:.0f}-{max(baselines) * 1e3:.0f} over the run"
     )
-    base_s = statistics.median(times["uncached (compiled)"])
+    base_s = statistics.median(baselines)
     results = []
     print(
         f"uncached compiled: {base_s * 1e3:.0f} ms/generation ({len(timing_labels)} samples x "
@@ -405,7 +452,7 @@ def main(argv=None) -> list[dict]:
     )
     for method in points:
         name = f"{method.family}: {method.setting}"
-        result = method.result | {"measured_speedup": base_s / statistics.median(times[name])}
+        result = dict(method.result)
         result["keeps_quality"] = (
             result["psnr_db"] >= MIN_PSNR_DB and result["accuracy"] >= uncached_accuracy - MAX_ACCURACY_DROP
         )
