@@ -145,6 +145,14 @@ def _helper(base, mask):
     return model, helper.reset_state
 
 
+def uniform_forecast(steps: int, interval: int) -> Schedule:
+    """attn1 and ff computed every `interval`-th step and at steps 1 and the last (the issue's
+    forward-patching recipe), order 1 on both: the uncalibrated counterpart of TaylorSeer's
+    `cache_interval`."""
+    mask = [int(step % interval == 0 or step in (1, steps - 1)) for step in range(steps)]
+    return Schedule.from_dict({"attn1": mask, "ff": mask}).with_orders({"attn1": 1, "ff": 1})
+
+
 def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> list[Method]:
     from diffusers.hooks import (
         FasterCacheConfig,
@@ -175,6 +183,17 @@ def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> l
                         lambda m=schedule.masks["attn1"]: _helper(base, m),
                     )
                 )
+    for interval in (3, 4) if quick else (2, 3, 4, 5):
+        schedule = uniform_forecast(steps, interval)
+        found.append(
+            Method(
+                "ours forecast uniform",
+                f"every {interval} (+1, last), order 1",
+                lambda s=schedule: (transform(copy.deepcopy(base), s), lambda: None),
+                errors.ideal_speedup(schedule),
+                lambda s=schedule: transform(copy.deepcopy(base), s, compile=True),
+            )
+        )
     for threshold in (0.05, 0.1, 0.2) if quick else (0.02, 0.05, 0.1, 0.2, 0.4):
         found.append(
             Method(
@@ -323,6 +342,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="100 samples, 1 repeat, fewer settings")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument(
+        "--families",
+        type=lambda text: text.split(","),
+        help="comma-separated families to run (default all), e.g. 'ours forecast uniform'",
+    )
+    parser.add_argument(
         "--quality-from",
         help="a --json of an earlier run with the same --samples and --steps: its quality figures are "
         "taken for every method and setting it has (the timing is measured again)",
@@ -361,6 +385,8 @@ def main(argv=None) -> list[dict]:
     points = []
     for method in methods(base, errors, args.steps, args.quick, mag_ratios):
         name = f"{method.family}: {method.setting}"
+        if args.families and method.family not in args.families:
+            continue
         try:  # a hook that does not fit this model: report it and go on
             net, reset = method.make()
             if name in known:
