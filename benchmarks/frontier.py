@@ -194,84 +194,77 @@ def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> l
                 lambda s=schedule: transform(copy.deepcopy(base), s, compile=True),
             )
         )
+
+    def hook(family: str, setting: str, config, unconditional_first: bool = False) -> Method:
+        """A diffusers cache hook: `config(clock)` builds its config (`clock["t"]` is the timestep)."""
+        return Method(family, setting, lambda: _hooked(base, config, unconditional_first))
+
     for threshold in (0.05, 0.1, 0.2) if quick else (0.02, 0.05, 0.1, 0.2, 0.4):
         found.append(
-            Method(
+            hook(
                 "diffusers FirstBlockCache",
                 f"threshold={threshold}",
-                lambda th=threshold: _hooked(base, lambda clock: FirstBlockCacheConfig(threshold=th)),
+                lambda clock, th=threshold: FirstBlockCacheConfig(threshold=th),
             )
         )
     for interval in (2, 3) if quick else (2, 3, 4, 5):
         found.append(
-            Method(
+            hook(
                 "diffusers TaylorSeerCache",
                 f"cache_interval={interval} (attn1, ff)",
-                lambda n=interval: _hooked(
-                    base,
-                    # Its default patterns (`^transformer_blocks.*attn`, re.fullmatch) match no module
-                    # of diffusers' DiT (attn1): name the branches ours caches.
-                    lambda clock: TaylorSeerCacheConfig(
-                        cache_interval=n,
-                        disable_cache_before_step=3,
-                        max_order=1,
-                        taylor_factors_dtype=torch.float32,
-                        cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"],
-                    ),
+                # Its default patterns (`^transformer_blocks.*attn`, re.fullmatch) match no module of
+                # diffusers' DiT (attn1): name the branches ours caches.
+                lambda clock, n=interval: TaylorSeerCacheConfig(
+                    cache_interval=n,
+                    disable_cache_before_step=3,
+                    max_order=1,
+                    taylor_factors_dtype=torch.float32,
+                    cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"],
                 ),
             )
         )
     for threshold in (0.06, 0.12) if quick else (0.03, 0.06, 0.12, 0.24):
         found.append(
-            Method(
+            hook(
                 "diffusers MagCache",
                 f"threshold={threshold}",
-                lambda th=threshold: _hooked(
-                    base,
-                    lambda clock: MagCacheConfig(
-                        threshold=th, num_inference_steps=steps, mag_ratios=mag_ratios
-                    ),
+                lambda clock, th=threshold: MagCacheConfig(
+                    threshold=th, num_inference_steps=steps, mag_ratios=mag_ratios
                 ),
             )
         )
     for skip in (2, 3) if quick else (2, 3, 4):
         found.append(
-            Method(
+            hook(
                 "diffusers PAB",
                 f"spatial skip {skip}",
-                lambda k=skip: _hooked(
-                    base,
-                    lambda clock: PyramidAttentionBroadcastConfig(
-                        spatial_attention_block_skip_range=k,
-                        spatial_attention_timestep_skip_range=(-1, 1000),
-                        current_timestep_callback=lambda: clock["t"],
-                    ),
+                lambda clock, k=skip: PyramidAttentionBroadcastConfig(
+                    spatial_attention_block_skip_range=k,
+                    spatial_attention_timestep_skip_range=(-1, 1000),
+                    current_timestep_callback=lambda: clock["t"],
                 ),
             )
         )
     for skip in (2, 3) if quick else (2, 3, 4):
         found.append(
-            Method(
+            hook(
                 "diffusers FasterCache",
                 f"spatial skip {skip}, unconditional every 5",
-                lambda k=skip: _hooked(
-                    base,
-                    lambda clock: FasterCacheConfig(
-                        spatial_attention_block_skip_range=k,
-                        spatial_attention_timestep_skip_range=(-1, 681),
-                        unconditional_batch_skip_range=5,
-                        unconditional_batch_timestep_skip_range=(-1, 641),
-                        current_timestep_callback=lambda: clock["t"],
-                        attention_weight_callback=lambda _: 0.5,
-                        tensor_format="BCHW",
-                        _unconditional_conditional_input_kwargs_identifiers=[
-                            "hidden_states",
-                            "timestep",
-                            "class_labels",
-                        ],
-                    ),
-                    unconditional_first=True,
+                lambda clock, k=skip: FasterCacheConfig(
+                    spatial_attention_block_skip_range=k,
+                    spatial_attention_timestep_skip_range=(-1, 681),
+                    unconditional_batch_skip_range=5,
+                    unconditional_batch_timestep_skip_range=(-1, 641),
+                    current_timestep_callback=lambda: clock["t"],
+                    attention_weight_callback=lambda _: 0.5,
+                    tensor_format="BCHW",
+                    _unconditional_conditional_input_kwargs_identifiers=[
+                        "hidden_states",
+                        "timestep",
+                        "class_labels",
+                    ],
                 ),
+                unconditional_first=True,
             )
         )
     return found
