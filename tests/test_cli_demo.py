@@ -163,3 +163,53 @@ def test_calibration_progress_only_on_a_terminal(capsys):
     progress.update(1, 0)
     progress.close()
     assert capsys.readouterr().err == ""
+
+
+def test_candidate_scan_stops_a_kind_at_its_first_failed_target():
+    """A faster target that passes after a slower one failed is not chosen, and not even tried:
+    on the demo's few samples such a pass is a lucky draw (the first demo runs picked one)."""
+    import numpy as np
+
+    from smoothcache_fx.calibrate import CalibrationErrors
+    from smoothcache_fx.demo.job import scan_candidates
+
+    rng = np.random.default_rng(0)
+    steps, lookahead = 12, 3
+    curves = {
+        f"blocks.{b}.{c}": [
+            np.round(rng.uniform(0, 0.5, steps - k) * k, 3).tolist() for k in range(1, lookahead + 1)
+        ]
+        for b in range(3)
+        for c in ("attn", "mlp")
+    }
+    flops = {path: 40 if path.endswith("attn") else 70 for path in curves}
+    errors = CalibrationErrors(steps, lookahead, curves, flops, 400, model_class="Random")
+    verdicts = iter([True, False] + [True, True, False])  # per component, then per block
+    evaluated = []
+
+    def evaluate(schedule):
+        evaluated.append(schedule)
+        return {
+            "ideal_speedup": errors.ideal_speedup(schedule),
+            "psnr_db": 30.0,
+            "accuracy": 1.0,
+            "keeps_quality": next(verdicts),
+        }
+
+    lines = []
+    best, curve = scan_candidates(
+        errors, [("reuse", 0)], evaluate, lines.append, targets=(1.1, 1.3, 1.5, 1.7)
+    )
+    # per component: 1.1 passes, 1.3 fails, so 1.5 and 1.7 are not tried; per block: 1.1 and 1.3
+    # pass, 1.5 fails, 1.7 not tried
+    assert [(p["per_block"], p["target"], p["keeps_quality"]) for p in curve] == [
+        (False, 1.1, True),
+        (False, 1.3, False),
+        (True, 1.1, True),
+        (True, 1.3, True),
+        (True, 1.5, False),
+    ]
+    assert len(evaluated) == 5
+    assert best[1]["per_block"] and best[1]["target"] == 1.3
+    assert best[0] is evaluated[3]
+    assert any("not trying 1.5x, 1.7x" in line for line in lines)
