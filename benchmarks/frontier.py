@@ -19,7 +19,9 @@ For every method and setting, on the shipped digits DiT (50 DDIM steps, guidance
   (22% over a run that timed rows apart). Graph breaks and recompiles are counted per row;
 - ideal speed-up where a FLOP model exists (ours: calibrated per-branch FLOPs).
 
-Methods: ours with reuse (alpha sweep), ours with forecasting (alpha sweep, predictor orders <= 2),
+Methods: ours with reuse (alpha sweep), ours with forecasting (alpha sweep, predictor orders <= 2;
+at full strength and damped to 0.75), ours with uniform forecasting (every n-th step, order 1, full
+and damped),
 diffusers 0.42 hooks that apply to `DiTTransformer2DModel` (FirstBlockCache thresholds,
 TaylorSeerCache intervals, MagCache thresholds with ratios from its own calibration run,
 PyramidAttentionBroadcast ranges, FasterCache with the guidance halves in its order), and
@@ -40,6 +42,7 @@ import contextlib
 import copy
 import gc
 import io
+import itertools
 import json
 import statistics
 import time
@@ -58,6 +61,8 @@ from smoothcache_fx.demo.train import load_digits_tensors, test_mask
 
 ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
 QUICK_ALPHAS = (0.1, 0.2, 0.4, 0.8)
+# Forecast strength of the damped families (the demo's default, `DemoOptions.strength`).
+DAMPED = 0.75
 
 
 @dataclass
@@ -164,8 +169,12 @@ def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> l
 
     found = []
     for alpha in QUICK_ALPHAS if quick else ALPHAS:
-        for family, max_order in (("ours reuse", 0), ("ours forecast", 2)):
-            schedule = Schedule.from_errors(errors, alpha, max_order=max_order)
+        for family, max_order, strength in (
+            ("ours reuse", 0, 1.0),
+            ("ours forecast", 2, 1.0),
+            ("ours forecast damped", 2, DAMPED),
+        ):
+            schedule = Schedule.from_errors(errors, alpha, max_order=max_order).with_strengths(strength)
             found.append(
                 Method(
                     family,
@@ -183,12 +192,12 @@ def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> l
                         lambda m=schedule.masks["attn1"]: _helper(base, m),
                     )
                 )
-    for interval in (3, 4) if quick else (2, 3, 4, 5):
-        schedule = uniform_forecast(steps, interval)
+    for interval, strength in itertools.product((3, 4) if quick else (2, 3, 4, 5), (1.0, DAMPED)):
+        schedule = uniform_forecast(steps, interval).with_strengths(strength)
         found.append(
             Method(
-                "ours forecast uniform",
-                f"every {interval} (+1, last), order 1",
+                "ours forecast uniform" + (" damped" if strength < 1 else ""),
+                f"every {interval} (+1, last), order 1" + (f", strength {strength}" if strength < 1 else ""),
                 lambda s=schedule: (transform(copy.deepcopy(base), s), lambda: None),
                 errors.ideal_speedup(schedule),
                 lambda s=schedule: transform(copy.deepcopy(base), s, compile=True),

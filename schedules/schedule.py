@@ -14,11 +14,13 @@ Keys come in three forms, from least to most specific:
 
 A key may also carry a predictor order (``orders``): what a skipped step of its branches uses.
 0 (the default) reuses the last computed output; 1 and 2 extrapolate the last two or three computed
-outputs in step index (``smoothcache_fx.schedules.forecast``).
+outputs in step index (``smoothcache_fx.schedules.forecast``). A forecast key may carry a strength
+(``strengths``, default 1): how far along the extrapolation its forecast goes (0 is the last output).
 
 Two file formats load: the bare JSON object published with Roblox/SmoothCache (key -> 0/1 list,
 every order 0), and our own versioned envelope written by :meth:`Schedule.save` (version 1 files,
-from before orders, load with every order 0).
+from before orders, load with every order 0; version 2 files, from before strengths, with every
+strength 1).
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .forecast import check_order
+from .forecast import check_order, check_strength
 from .from_errors import alpha_for_speedup, errors_at, errors_metadata, masks_and_orders
 from .json_file import read_json_object
 from .normalised_time import interpolate, positions
 
 FORMAT_NAME = "smoothcache_fx.schedule"
-# Version 2 added `orders`; version 1 files load with every order 0.
-FORMAT_VERSION = 2
-_ENVELOPE_FIELDS = frozenset({"format", "version", "steps", "masks", "metadata", "orders"})
+# Version 2 added `orders`, version 3 `strengths`; older files load with every order 0 and every
+# strength 1. A schedule is written at the lowest version that holds it (no strengths: version 2),
+# so a reader that predates strengths refuses exactly the files it would misread.
+FORMAT_VERSION = 3
+_ENVELOPE_FIELDS = frozenset({"format", "version", "steps", "masks", "metadata", "orders", "strengths"})
+_FIELDS_ADDED = {2: "orders", 3: "strengths"}
 _EXAMPLE = "{'attn1': [1, 0, 1, ...], 'ff': [1, 1, 0, ...]}"
 
 
@@ -61,6 +66,9 @@ class Schedule:
         orders: key -> predictor order of a skipped step (0 reuse, 1 linear, 2 quadratic
             extrapolation in step index); every key must be a mask key; keys left out are 0, and
             order-0 entries are dropped so that equal behaviour compares equal.
+        strengths: key -> forecast strength in [0, 1] of a key with an order: its forecast is
+            `strength * extrapolation + (1 - strength) * last output`; keys left out are 1, and
+            strength-1 entries are dropped.
 
     Example::
 
@@ -75,11 +83,13 @@ class Schedule:
     masks: Mapping[str, tuple[int, ...]]
     metadata: Mapping[str, Any] = field(default_factory=dict)
     orders: Mapping[str, int] = field(default_factory=dict)
+    strengths: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate_steps(self.steps)
         masks = _validate_masks(self.masks)
         orders = _validate_orders(self.orders, masks)
+        strengths = _validate_strengths(self.strengths, orders)
         lengths: dict[int, list[str]] = {}
         for key, mask in masks.items():
             lengths.setdefault(len(mask), []).append(key)
@@ -104,14 +114,20 @@ class Schedule:
             )
         object.__setattr__(self, "masks", types.MappingProxyType(masks))
         object.__setattr__(self, "orders", types.MappingProxyType(orders))
+        object.__setattr__(self, "strengths", types.MappingProxyType(strengths))
         object.__setattr__(self, "metadata", types.MappingProxyType(_validate_metadata(self.metadata)))
 
     # Frozen dataclass plumbing: MappingProxyType is neither hashable nor picklable.
     def __hash__(self) -> int:
-        return hash((self.steps, tuple(self.masks.items()), tuple(self.orders.items())))
+        return hash(
+            (self.steps, tuple(self.masks.items()), tuple(self.orders.items()), tuple(self.strengths.items()))
+        )
 
     def __reduce__(self):
-        return (type(self), (self.steps, dict(self.masks), dict(self.metadata), dict(self.orders)))
+        return (
+            type(self),
+            (self.steps, dict(self.masks), dict(self.metadata), dict(self.orders), dict(self.strengths)),
+        )
 
     def __repr__(self) -> str:
         fractions = self.compute_fraction
@@ -124,7 +140,8 @@ class Schedule:
             compute = f"{mean:.2f} (min {min(values):.2f}, max {max(values):.2f})"
             keys = f"{len(values)} [{self.keys[0]!r}, {self.keys[1]!r}, ..., {self.keys[-1]!r}]"
         orders = f", orders={dict(self.orders)}" if self.orders else ""
-        return f"Schedule(steps={self.steps}, keys={keys}, compute_fraction={compute}{orders})"
+        strengths = f", strengths={dict(self.strengths)}" if self.strengths else ""
+        return f"Schedule(steps={self.steps}, keys={keys}, compute_fraction={compute}{orders}{strengths})"
 
     # ------------------------------------------------------------------ queries
 
@@ -182,9 +199,35 @@ class Schedule:
         key = self.key_for(branch_path)
         return 0 if key is None else self.orders.get(key, 0)
 
+    def strength_for(self, branch_path: str) -> float:
+        """The forecast strength of the branch at ``branch_path`` (1.0: the full extrapolation;
+        also for branches that reuse). Decided by the same key as its mask and order."""
+        key = self.key_for(branch_path)
+        return 1.0 if key is None else self.strengths.get(key, 1.0)
+
     def with_orders(self, orders: Mapping[str, int]) -> Schedule:
-        """A copy with these predictor orders (key -> order) in place of the current ones."""
-        return dataclasses.replace(self, orders=orders)
+        """A copy with these predictor orders (key -> order) in place of the current ones; the
+        strengths of keys that no longer forecast are dropped."""
+        if not isinstance(orders, Mapping):
+            raise TypeError(
+                f"orders must be a mapping of key -> predictor order; got {type(orders).__name__}."
+            )
+        strengths = {key: value for key, value in self.strengths.items() if orders.get(key)}
+        return dataclasses.replace(self, orders=orders, strengths=strengths)
+
+    def with_strengths(self, strengths: Mapping[str, float] | float) -> Schedule:
+        """A copy with these forecast strengths in place of the current ones: a mapping (key ->
+        strength, keys with an order only) or one number for every key with an order.
+
+        Example::
+
+            >>> s = Schedule(4, {"attn1": [1, 0, 1, 0], "ff": [1, 0, 0, 1]}, orders={"ff": 1})
+            >>> dict(s.with_strengths(0.75).strengths)
+            {'ff': 0.75}
+        """
+        if not isinstance(strengths, Mapping):
+            strengths = {key: check_strength(strengths, "with_strengths") for key in self.orders}
+        return dataclasses.replace(self, strengths=strengths)
 
     def computes(self, branch_path: str, step: int) -> bool:
         """Whether the branch at ``branch_path`` computes at ``step`` (True when no key applies)."""
@@ -241,13 +284,14 @@ class Schedule:
                 )
             renamed[new] = mask
         orders = {_renamed_key(key, components): order for key, order in self.orders.items()}
+        strengths = {_renamed_key(key, components): value for key, value in self.strengths.items()}
         unused = sorted(set(components) - used)
         if unused:
             raise ValueError(
                 f"rename names components {unused} that no schedule key has; the keys are "
                 f"{list(self.masks)}. Check the spelling, or leave those out of the mapping."
             )
-        return dataclasses.replace(self, masks=renamed, orders=orders)
+        return dataclasses.replace(self, masks=renamed, orders=orders, strengths=strengths)
 
     def resample(self, steps: int) -> Schedule:
         """This schedule for another step count (this one is unchanged), every key kept.
@@ -275,8 +319,9 @@ class Schedule:
             for key, mask in self.masks.items()
         }
         original = self.metadata.get("resampled_from_steps", self.steps)
-        # A predictor order is per key, not per step: it carries over as it is.
-        return Schedule(steps, masks, {**self.metadata, "resampled_from_steps": original}, orders=self.orders)
+        # A predictor order and a strength are per key, not per step: they carry over as they are.
+        metadata = {**self.metadata, "resampled_from_steps": original}
+        return Schedule(steps, masks, metadata, orders=self.orders, strengths=self.strengths)
 
     # ------------------------------------------------------------------ generators
 
@@ -377,22 +422,31 @@ class Schedule:
 
     def to_dict(self) -> dict[str, Any]:
         """This schedule as plain JSON data in the versioned ``smoothcache_fx.schedule`` format."""
-        return {
+        data = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": self.format_version,
             "steps": self.steps,
             "masks": {key: list(mask) for key, mask in self.masks.items()},
             "orders": dict(self.orders),
             "metadata": json.loads(json.dumps(dict(self.metadata))),
         }
+        if self.strengths:
+            data["strengths"] = dict(self.strengths)
+        return data
+
+    @property
+    def format_version(self) -> int:
+        """The lowest format version that holds this schedule: 3 with strengths, else 2."""
+        return 3 if self.strengths else 2
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
         """Build a schedule from either on-disk format, as parsed JSON.
 
-        * Ours (has ``"format"``): ``{"format": "smoothcache_fx.schedule", "version": 2,
-          "steps": N, "masks": {...}, "orders": {...}, "metadata": {...}}``; version 1 has no
-          ``orders`` (every order 0).
+        * Ours (has ``"format"``): ``{"format": "smoothcache_fx.schedule", "version": 3,
+          "steps": N, "masks": {...}, "orders": {...}, "strengths": {...}, "metadata": {...}}``;
+          version 2 has no ``strengths`` (every strength 1), version 1 neither ``orders`` (every
+          order 0).
         * Roblox/SmoothCache: the bare mapping ``{"attn": [1, 0, ...], "mlp": [...]}``; steps is
           the mask length.
         """
@@ -418,16 +472,32 @@ class Schedule:
                 f"reads); got {version!r}. A newer version was written by a newer smoothcache_fx: "
                 "upgrade, or re-save the schedule with this one."
             )
-        fields = _ENVELOPE_FIELDS if version >= 2 else _ENVELOPE_FIELDS - {"orders"}
+        later = {name for added, name in _FIELDS_ADDED.items() if added > version}
+        fields = _ENVELOPE_FIELDS - later
         unknown = sorted(set(data) - fields)
         missing = sorted({"steps", "masks"} - set(data))
         if unknown or missing:
-            optional = "metadata and orders" if version >= 2 else "metadata"
+            optional = " and ".join(
+                ["metadata", *(name for _, name in sorted(_FIELDS_ADDED.items()) if name not in later)]
+            )
+            newer = [name for name in unknown if name in later]
+            hint = (
+                f" {newer} came with version {max(v for v, n in _FIELDS_ADDED.items() if n in newer)}: "
+                "set that version."
+                if newer
+                else ""
+            )
             raise ValueError(
                 f"a version-{version} schedule must have the fields steps, masks and optionally {optional}; "
-                f"got unknown {unknown} and missing {missing}. Fix the field names."
+                f"got unknown {unknown} and missing {missing}. Fix the field names.{hint}"
             )
-        return cls(data["steps"], data["masks"], data.get("metadata", {}), data.get("orders", {}))
+        return cls(
+            data["steps"],
+            data["masks"],
+            data.get("metadata", {}),
+            data.get("orders", {}),
+            data.get("strengths", {}),
+        )
 
     @classmethod
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> Schedule:
@@ -467,11 +537,12 @@ class Schedule:
         text = (
             "{\n"
             f'  "format": {json.dumps(FORMAT_NAME)},\n'
-            f'  "version": {FORMAT_VERSION},\n'
+            f'  "version": {data["version"]},\n'
             f'  "steps": {self.steps},\n'
             f'  "masks": {{\n{masks}\n  }},\n'
             f'  "orders": {json.dumps(data["orders"])},\n'
-            f'  "metadata": {metadata}\n'
+            + (f'  "strengths": {json.dumps(data["strengths"])},\n' if "strengths" in data else "")
+            + f'  "metadata": {metadata}\n'
             "}\n"
         )
         path = Path(path)
@@ -611,6 +682,23 @@ def _validate_orders(orders: Any, masks: Mapping[str, tuple[int, ...]]) -> dict[
         )
     checked = {key: check_order(orders[key], f"orders[{key!r}]") for key in sorted(orders)}
     return {key: order for key, order in checked.items() if order}
+
+
+def _validate_strengths(strengths: Any, orders: Mapping[str, int]) -> dict[str, float]:
+    """Key -> strength in [0, 1], each key one with an order; strength-1 entries dropped (the default)."""
+    if not isinstance(strengths, Mapping):
+        raise TypeError(
+            f"strengths must be a mapping of key -> forecast strength; got {type(strengths).__name__}."
+        )
+    unknown = sorted(key for key in strengths if key not in orders)
+    if unknown:
+        raise ValueError(
+            f"strengths must name keys with a predictor order; got {unknown}, not among "
+            f"{sorted(orders)}. A strength scales a forecast: give the key an order >= 1 first, or "
+            "drop its strength (a reused output has nothing to scale)."
+        )
+    checked = {key: check_strength(strengths[key], f"strengths[{key!r}]") for key in sorted(strengths)}
+    return {key: value for key, value in checked.items() if value != 1.0}
 
 
 def _validate_metadata(metadata: Any) -> dict[str, Any]:

@@ -67,14 +67,15 @@ class SharedCapture:
 @dataclass
 class _Capture:
     """One call signature of one block: the shared graph plus this block's schedule masks, the
-    predictor orders of its forecast components and their per-step weights ([order + 1] fp32
-    tensors on the block's device, one per step, built once per capture)."""
+    predictor orders and strengths of its forecast components and their per-step weights ([order +
+    1] fp32 tensors on the block's device, one per step, built once per capture)."""
 
     shared: SharedCapture
     masks: dict[str, tuple[bool, ...]]
     dependencies: CaptureDependencies
     state_owners: tuple[tuple[dict, str], ...] = ()
     orders: dict[str, int] = field(default_factory=dict)
+    strengths: dict[str, float] = field(default_factory=dict)
     weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -245,7 +246,7 @@ class BlockState:
         entry.weights = {
             name: [
                 torch.tensor(row, dtype=torch.float32, device=device)
-                for row in weight_table(entry.masks[name], order)
+                for row in weight_table(entry.masks[name], order, entry.strengths.get(name, 1.0))
             ]
             for name, order in entry.orders.items()
         }
@@ -315,13 +316,17 @@ class BlockState:
             # wrote it, it costs nothing (no cache buffer, no cache write, the model's own add).
             if mask is not None and (not all(mask) or self.runtime.tools.record_branches):
                 masks[component] = tuple(bool(v) for v in mask)
-        orders = {}
+        orders, strengths = {}, {}
         for component, mask in masks.items():
-            order = min(schedule.order_for(f"{self.path}.{component}"), self.runtime.max_order)
+            path = f"{self.path}.{component}"
+            order = min(schedule.order_for(path), self.runtime.max_order)
             if order and not all(mask):
                 orders[component] = order
+                # The strength only changes the weights, which are graph inputs: no variant depends
+                # on it, so it is not part of any variant key.
+                strengths[component] = schedule.strength_for(path)
         owners = _state_owners(block, shared.captured.state_names)
-        return _Capture(shared, masks, dependencies, owners, orders)
+        return _Capture(shared, masks, dependencies, owners, orders, strengths)
 
     def specialised(self, entry: _Capture, compute: dict[str, bool]) -> SpecialisedBlock:
         """The specialised graph for `compute` (component -> computes), built once per shared capture."""

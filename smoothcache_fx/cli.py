@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--alpha", type=float, help="SmoothCache error threshold instead of --target")
     demo.add_argument("--schedule", help="a schedule JSON file instead of calibrating one")
+    demo.add_argument(
+        "--strength",
+        type=_unit_float,
+        default=0.75,
+        help="forecast strength of the damped candidates and of --alpha/--target schedules, in [0, 1] (0.75)",
+    )
     demo.add_argument("--no-compile", action="store_true", help="time eager execution only")
     demo.add_argument("--repeats", type=_positive_int, default=3, help="timed generations per row (3)")
     demo.add_argument("--out", default="smoothcache_demo", help="output folder (smoothcache_demo)")
@@ -129,6 +135,7 @@ def _demo(args, parser) -> int:
         out=args.out,
         seed=args.seed,
         progress=not args.no_progress,
+        strength=args.strength,
     )
     try:
         run_demo(options)
@@ -173,6 +180,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (1: full extrapolation, 0: reuse); got {text}")
     return value
 
 

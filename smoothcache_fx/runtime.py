@@ -303,6 +303,7 @@ class SmoothCacheRuntime:
                     "reused": state.reused.get(component, 0),
                     "forecast": state.forecast.get(component, 0),
                     "order": state.current.orders.get(component, 0),
+                    "strength": state.current.strengths.get(component, 1.0),
                     "cache_bytes": nbytes,
                 }
         return report

@@ -7,7 +7,7 @@ Roblox/SmoothCache's helpers do for attn1 only. On a reuse step the patched forw
 module output cached at the last compute step, or, for a key given a predictor order k in `orders`,
 the polynomial in step index through the outputs of its last k+1 compute steps (Newton's divided
 differences in float64: a different construction from smoothcache_fx's Lagrange weights, so the two
-check each other). One model call is one step. It caches the *module
+check each other), moved only `strengths[key]` of the way from the newest output when given. One model call is one step. It caches the *module
 output*; smoothcache_fx caches the tensor that enters the gate multiplication, which is the same
 tensor for the test models (and for every family in COVERAGE.md: where a branch is a slice of a
 module's output, CogVideoX's ff, every slice is reused together with the module).
@@ -35,6 +35,8 @@ class ForwardPatchingReference:
             whose residual branches come from other children (Flux's `ff_context`, `proj_out`) pass
             theirs here.
         orders: key -> predictor order (0 reuse, 1 linear, 2 quadratic); keys left out reuse.
+        strengths: key -> s in [0, 1]: the forecast is `newest + s * (polynomial - newest)`;
+            keys left out 1.
     """
 
     def __init__(
@@ -43,12 +45,14 @@ class ForwardPatchingReference:
         schedule: Mapping[str, Sequence[int]],
         components: Sequence[str] = COMPONENTS,
         orders: Mapping[str, int] | None = None,
+        strengths: Mapping[str, float] | None = None,
     ):
         self.model = model
         self.components = tuple(components)
         self.schedule = {key: [int(v) for v in mask] for key, mask in schedule.items()}
         self.step = 0
         self.orders = dict(orders or {})
+        self.strengths = dict(strengths or {})
         self.cache: dict[str, list[tuple[int, torch.Tensor]]] = {}  # path -> (step, output) computed
         self.patched: dict[str, nn.Module] = {}
         self.used_keys: set[str] = set()
@@ -78,8 +82,10 @@ class ForwardPatchingReference:
                     path = f"{list_path}.{index}.{name}" if list_path else f"{index}.{name}"
                     key = self.key_for(path)
                     if isinstance(child, nn.Module) and key is not None:
-                        order = self.orders.get(key, 0)
-                        child.forward = self._patched_forward(path, self.schedule[key], order, child.forward)
+                        order, strength = self.orders.get(key, 0), self.strengths.get(key, 1.0)
+                        child.forward = self._patched_forward(
+                            path, self.schedule[key], order, strength, child.forward
+                        )
                         self.patched[path] = child
                         self.computed[path] = self.reused[path] = 0
                         self.used_keys.add(key)
@@ -102,7 +108,7 @@ class ForwardPatchingReference:
     def _advance(self, module, args, output) -> None:
         self.step += 1
 
-    def _patched_forward(self, path: str, mask: list[int], order: int, forward):
+    def _patched_forward(self, path: str, mask: list[int], order: int, strength: float, forward):
         def patched(*args, **kwargs):
             if mask[self.step]:
                 output = forward(*args, **kwargs)
@@ -110,7 +116,12 @@ class ForwardPatchingReference:
                 self.computed[path] += 1
                 return output
             self.reused[path] += 1
-            return _extrapolate(self.cache[path], self.step)  # KeyError: reuse before any compute
+            points = self.cache[path]  # KeyError: reuse before any compute
+            newest = points[-1][1]
+            forecast = _extrapolate(points, self.step)
+            if strength == 1.0:
+                return forecast
+            return (newest.double() + strength * (forecast.double() - newest.double())).to(newest.dtype)
 
         return patched
 

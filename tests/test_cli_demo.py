@@ -50,8 +50,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert results["speed_quality_curve"], "the default picks a target from a measured curve"
     # Reuse and forecast schedules are both candidates; the result says which kind it chose.
     kinds = {point["kind"] for point in results["speed_quality_curve"]}
-    assert kinds == {"reuse", "forecast"}
-    assert results["schedule_kind"] == ("forecast" if results["schedule"]["orders"] else "reuse")
+    assert kinds == {"reuse", "forecast", "damped"}
+    assert {p["strength"] for p in results["speed_quality_curve"] if p["kind"] == "damped"} == {0.75}
+    schedule = results["schedule"]
+    forecast = "damped forecast" if schedule.get("strengths") else "forecast"
+    assert results["schedule_kind"] == (forecast if schedule["orders"] else "reuse")
     table = capsys.readouterr().out
     assert "achieved speedup" in table and "PSNR" in table
     assert f"schedule: {results['schedule_kind']}" in table
@@ -63,6 +66,14 @@ def test_unknown_option_is_rejected(capsys):
         main(["demo", "--fastest"])
     assert info.value.code == 2
     assert "unrecognized arguments: --fastest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strength", ["1.5", "-0.1", "nan"])
+def test_strength_out_of_range_is_rejected(capsys, strength):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--strength", strength])
+    assert info.value.code == 2
+    assert "--strength: must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
@@ -198,7 +209,7 @@ def test_candidate_scan_stops_a_kind_at_its_first_failed_target():
 
     lines = []
     best, curve = scan_candidates(
-        errors, [("reuse", 0)], evaluate, lines.append, targets=(1.1, 1.3, 1.5, 1.7)
+        errors, [("reuse", 0, 1.0)], evaluate, lines.append, targets=(1.1, 1.3, 1.5, 1.7)
     )
     # per component: 1.1 passes, 1.3 fails, so 1.5 and 1.7 are not tried; per block: 1.1 and 1.3
     # pass, 1.5 fails, 1.7 not tried

@@ -31,7 +31,8 @@ def _schedule(orders):
 
 def _reference(original, schedule, call=tiny_call):
     model = copy.deepcopy(original)
-    with ForwardPatchingReference(model, dict(schedule.masks), orders=dict(schedule.orders)) as ref:
+    masks, orders, strengths = dict(schedule.masks), dict(schedule.orders), dict(schedule.strengths)
+    with ForwardPatchingReference(model, masks, orders=orders, strengths=strengths) as ref:
         outputs = run_steps(model, call, STEPS)
     return outputs, ref
 
@@ -57,6 +58,26 @@ def test_eager_forecast_equals_forward_patching_reference(orders, kernel):
         skipped = entry["forecast"] + entry["reused"]
         assert (entry["computed"], skipped) == (ref.computed[path], ref.reused[path])
         assert entry["forecast"] == (skipped if entry["order"] else 0)
+
+
+@pytest.mark.parametrize("kernel", ["op", "inductor"])
+def test_damped_forecast_equals_the_reference_and_lies_between_reuse_and_full(kernel):
+    """A strength moves the forecast part of the way from the newest output: the transformed model
+    agrees with the reference's damped Newton extrapolation, and differs from both ends."""
+    torch.manual_seed(0)
+    original = models.TinyDiT(depth=2)
+    full = _schedule({"attn": 2, "mlp": 1})
+    damped = full.with_strengths({"attn": 0.5, "mlp": 0.75})
+    expected, _ = _reference(original, damped)
+    model = smoothcache_fx.transform(copy.deepcopy(original), damped, kernel=kernel)
+    got = run_steps(model, tiny_call, STEPS)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=RTOL, atol=ATOL)
+    for other in (full, full.with_orders({})):
+        outputs, _ = _reference(original, other)
+        assert max((a - b).abs().max() for a, b in zip(outputs, expected, strict=True)) > 1e-3
+    stats = model.smoothcache.stats
+    assert [stats[f"blocks.0.{c}"]["strength"] for c in ("attn", "mlp")] == [0.5, 0.75]
 
 
 def test_forecast_history_bytes_in_stats_and_capped_by_max_order():
@@ -102,7 +123,7 @@ def fresh_dynamo():
 def test_compiled_forecast_no_graph_breaks_or_recompiles(kernel, fresh_dynamo, forbid_recompiles):
     torch.manual_seed(0)
     original = models.TinyDiT(depth=2)
-    schedule = _schedule({"attn": 2, "mlp": 1})
+    schedule = _schedule({"attn": 2, "mlp": 1}).with_strengths({"mlp": 0.75})
     expected, _ = _reference(original, schedule)
     compiled = smoothcache_fx.transform(copy.deepcopy(original), schedule, compile=True, kernel=kernel)
     first = run_steps(compiled, tiny_call, STEPS)
@@ -127,7 +148,7 @@ def test_graph_form_forecasts_like_the_variants_eagerly_exported_and_compiled(
     buffer): equal to the variant form eagerly, from torch.export, and under torch.compile."""
     torch.manual_seed(0)
     original = models.TinyDiT(depth=2)
-    schedule = _schedule({"attn": 2, "mlp": 1})
+    schedule = _schedule({"attn": 2, "mlp": 1}).with_strengths({"attn": 0.5})
     expected, _ = _reference(original, schedule)
     graph = smoothcache_fx.transform(copy.deepcopy(original), schedule, form="graph")
     for want, have in zip(expected, run_steps(graph, tiny_call, STEPS), strict=True):

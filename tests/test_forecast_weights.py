@@ -43,3 +43,27 @@ def test_bad_arguments_are_refused():
         lagrange_weights([1, 1], 2)
     with pytest.raises(ValueError, match=r"must be in \[0, 2\]"):
         forecast_weights([1, 0], 3, 1)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("strength", [0.0, 0.25, 0.75])
+def test_strength_goes_that_far_from_the_newest_output_towards_the_extrapolation(order, strength):
+    mask = [1, 0, 1, 1, 0, 0, 1, 0, 0, 0]
+    history = [3.0, -1.0, 4.0]  # oldest first; only the last order + 1 are read
+    for step in (4, 5, 7, 8, 9):
+        full = forecast_weights(mask, order, step)
+        damped = forecast_weights(mask, order, step, strength)
+        values = history[-(order + 1) :]
+        newest = values[-1]
+        extrapolated = sum(w * y for w, y in zip(full, values, strict=True))
+        got = sum(w * y for w, y in zip(damped, values, strict=True))
+        assert got == pytest.approx(newest + strength * (extrapolated - newest))
+        assert sum(damped) == pytest.approx(1.0)
+    assert weight_table(mask, order, 0.0)[4] == (0.0,) * order + (1.0,)  # strength 0 is reuse
+
+
+def test_bad_strength_is_refused():
+    with pytest.raises(ValueError, match=r"forecast strength must be in \[0, 1\]"):
+        forecast_weights([1, 0], 1, 1, 2.0)
+    with pytest.raises(TypeError, match="forecast strength must be a number"):
+        weight_table([1, 0], 1, None)

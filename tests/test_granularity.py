@@ -243,7 +243,7 @@ def test_whole_model_graphs_forecast_like_the_eager_variants(granularity, forbid
     call, so every step with one mask shares one whole-model graph whatever its lag."""
     original = models.TinyDiT(depth=2)
     mask = [int(step % 3 == 0 or step == 8) for step in range(9)]
-    schedule = Schedule(9, {"attn": mask, "mlp": mask}, orders={"attn": 1, "mlp": 2})
+    schedule = Schedule(9, {"attn": mask, "mlp": mask}, orders={"attn": 1, "mlp": 2}, strengths={"attn": 0.5})
     eager = smoothcache_fx.transform(copy.deepcopy(original), schedule)
     compiled = smoothcache_fx.transform(
         copy.deepcopy(original), schedule, compile=True, granularity=granularity, backend="aot_eager"

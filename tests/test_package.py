@@ -19,7 +19,11 @@ from smoothcache_fx.demo.model import load_demo_model, make_scheduler
 STEPS = 6
 # attn1 reuses; ff forecasts (order 1: its history buffer and per-step weights table travel in the
 # package too), at lag 1 after two computes (step 2) and after a gap (step 4: computes at 1 and 3).
-SCHEDULE = Schedule.from_dict({"attn1": [1, 0, 1, 0, 0, 1], "ff": [1, 1, 0, 1, 0, 1]}).with_orders({"ff": 1})
+SCHEDULE = (
+    Schedule.from_dict({"attn1": [1, 0, 1, 0, 0, 1], "ff": [1, 1, 0, 1, 0, 1]})
+    .with_orders({"ff": 1})
+    .with_strengths(0.75)
+)
 
 
 def _inputs():

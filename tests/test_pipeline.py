@@ -107,6 +107,7 @@ def test_two_calls_per_step_keep_a_cache_per_call():
         "reused": 6,
         "forecast": 0,
         "order": 0,
+        "strength": 1.0,
         "cache_bytes": 2 * cond_model.smoothcache.stats["transformer_blocks.0.attn1"]["cache_bytes"],
     }
     assert not torch.equal(_unbatched_guidance_loop(original, original, steps), want)  # it reused

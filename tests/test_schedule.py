@@ -347,7 +347,7 @@ def test_to_dict_from_dict_round_trip():
     d = s.to_dict()
     assert d == {
         "format": "smoothcache_fx.schedule",
-        "version": FORMAT_VERSION,
+        "version": 2,  # the lowest version that holds it: no strengths
         "steps": 4,
         "masks": {"attn1": [1, 0, 1, 0], "ff": [1, 1, 0, 1]},
         "orders": {},
@@ -609,3 +609,62 @@ def test_rename_carries_orders():
 def test_bad_orders_say_what_and_how(orders, error, match):
     with pytest.raises(error, match=match):
         Schedule(2, {"attn": [1, 0]}, orders=orders)
+
+
+# ---------------------------------------------------------------------- forecast strengths
+
+
+def test_strengths_resolve_like_orders_round_trip_and_raise_the_version(tmp_path):
+    s = Schedule(4, {"attn": [1, 0, 1, 0], "attn-2": [1, 0, 0, 1]}, orders={"attn": 1, "attn-2": 2})
+    damped = s.with_strengths({"attn": 0.75})
+    assert damped.strength_for("blocks.0.attn") == 0.75
+    assert damped.strength_for("blocks.2.attn") == 1.0  # decided by `attn-2`, which has none
+    assert damped.strength_for("blocks.0.mlp") == 1.0
+    assert s.to_dict()["version"] == 2 and "strengths" not in s.to_dict()
+    assert damped.to_dict()["version"] == 3 and damped.to_dict()["strengths"] == {"attn": 0.75}
+    path = damped.save(tmp_path / "s.json")
+    assert json.loads(path.read_text())["version"] == 3
+    assert Schedule.load(path) == damped and Schedule.load(path).strengths == {"attn": 0.75}
+    assert damped != s and hash(damped) != hash(s)
+    assert pickle.loads(pickle.dumps(damped)) == damped
+    assert "strengths={'attn': 0.75}" in repr(damped)
+    assert s.with_strengths(0.5).strengths == {"attn": 0.5, "attn-2": 0.5}  # every forecast key
+    assert s.with_strengths({"attn": 1.0}) == s  # strength 1 is the default, dropped
+
+
+def test_strengths_follow_orders_renames_and_resampling():
+    s = Schedule(4, {"attn": [1, 0, 1, 0], "mlp": [1, 0, 0, 1]}, orders={"attn": 1, "mlp": 1}).with_strengths(
+        0.6
+    )
+    assert s.with_orders({"attn": 1}).strengths == {"attn": 0.6}  # mlp reuses now: its strength goes
+    assert s.rename({"attn": "attn1"}).strengths == {"attn1": 0.6, "mlp": 0.6}
+    assert s.resample(8).strengths == {"attn": 0.6, "mlp": 0.6}
+
+
+def test_version_2_files_load_with_strength_1_and_refuse_strengths():
+    v2 = Schedule(2, {"attn": [1, 0]}, orders={"attn": 1}).to_dict()
+    assert v2["version"] == 2 and Schedule.from_dict(v2).strengths == {}
+    with pytest.raises(
+        ValueError, match=r"version-2 schedule .*unknown \['strengths'\].*came with version 3"
+    ):
+        Schedule.from_dict(v2 | {"strengths": {"attn": 0.5}})
+
+
+@pytest.mark.parametrize(
+    ("strengths", "error", "match"),
+    [
+        ({"mlp": 0.5}, ValueError, r"strengths must name keys with a predictor order; got \['mlp'\]"),
+        ({"attn": 1.5}, ValueError, r"strengths\['attn'\]: forecast strength must be in \[0, 1\].*got 1.5"),
+        ({"attn": -0.1}, ValueError, r"forecast strength must be in \[0, 1\]"),
+        ({"attn": "0.5"}, TypeError, r"forecast strength must be a number in \[0, 1\]; got str"),
+        ({"attn": True}, TypeError, r"got bool"),
+        ([("attn", 0.5)], TypeError, r"strengths must be a mapping"),
+    ],
+)
+def test_bad_strengths_say_what_and_how(strengths, error, match):
+    schedule = Schedule(2, {"attn": [1, 0], "mlp": [1, 0]}, orders={"attn": 1})
+    with pytest.raises(error, match=match):
+        Schedule(2, {"attn": [1, 0], "mlp": [1, 0]}, orders={"attn": 1}, strengths=strengths)
+    if isinstance(strengths, dict):
+        with pytest.raises(error, match=match):
+            schedule.with_strengths(strengths)

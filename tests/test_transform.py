@@ -56,6 +56,7 @@ def test_unscheduled_branches_are_left_untouched():
         "reused": 1,
         "forecast": 0,
         "order": 0,
+        "strength": 1.0,
         "cache_bytes": 2 * 16 * 16 * 4,
     }
 

@@ -37,7 +37,8 @@ from smoothcache_fx.transform import transform
 MIN_PSNR_DB = 25.0
 MAX_ACCURACY_DROP = 0.02
 # Targets tried when none is given: the fastest one that keeps the quality bar is used, among
-# reuse schedules and forecast schedules (predictor orders up to `DemoOptions.max_order`).
+# reuse schedules and forecast schedules (predictor orders up to `DemoOptions.max_order`, at full
+# strength and damped to `DemoOptions.strength`).
 CANDIDATE_TARGETS = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
 
 
@@ -59,6 +60,10 @@ class DemoOptions:
     progress: bool = True
     # Highest predictor order calibrated and considered for skipped steps (0: reuse only).
     max_order: int = 2
+    # Forecast strength of the damped candidates and of --alpha/--target schedules: measured over
+    # 500 samples on this model, full extrapolation loses 2.8-4 accuracy points where 0.75 keeps
+    # them (BENCHMARKS.md, "Damped forecasting").
+    strength: float = 0.75
 
 
 def run_demo(options: DemoOptions, log=print) -> dict:
@@ -96,7 +101,9 @@ def run_demo(options: DemoOptions, log=print) -> dict:
         "steps": options.steps,
         "samples": len(labels),
         "schedule": schedule.to_dict(),
-        "schedule_kind": "forecast" if schedule.orders else "reuse",
+        "schedule_kind": ("damped forecast" if schedule.strengths else "forecast")
+        if schedule.orders
+        else "reuse",
         "ideal_speedup": errors.ideal_speedup(schedule),
         "psnr_db": psnr(cached, uncached),
         "accuracy_uncached": _accuracy(uncached, labels, classifier),
@@ -177,9 +184,11 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
     if given is not None:
         return given, []
     if options.alpha is not None:
-        return Schedule.from_errors(errors, alpha=options.alpha, max_order=options.max_order), []
+        schedule = Schedule.from_errors(errors, alpha=options.alpha, max_order=options.max_order)
+        return schedule.with_strengths(options.strength), []
     if options.target is not None:
-        return Schedule.for_speedup(errors, target=options.target, max_order=options.max_order), []
+        schedule = Schedule.for_speedup(errors, target=options.target, max_order=options.max_order)
+        return schedule.with_strengths(options.strength), []
     accuracy = _accuracy(uncached, labels, classifier)
 
     def evaluate(schedule: Schedule) -> dict:
@@ -194,7 +203,11 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
         )
         return point
 
-    kinds = [("reuse", 0)] + ([("forecast", options.max_order)] if options.max_order else [])
+    kinds = [("reuse", 0, 1.0)]
+    if options.max_order:
+        kinds.append(("forecast", options.max_order, 1.0))
+        if options.strength < 1.0:
+            kinds.append(("damped", options.max_order, options.strength))
     best, curve = scan_candidates(errors, kinds, evaluate, log)
     if best is None:
         log("no candidate kept the quality bar; using the mildest reuse schedule")
@@ -213,8 +226,8 @@ def scan_candidates(errors, kinds, evaluate, log=print, targets=CANDIDATE_TARGET
     (schedule, point) of the largest ideal speed-up that kept the quality bar, or None, and
     `curve` every evaluated point in order.
 
-    `kinds` lists (kind name, max_order); each is scanned per component and per block, over
-    `targets` in increasing order. `evaluate(schedule)` returns a dict with at least
+    `kinds` lists (kind name, max_order, forecast strength); each is scanned per component and per
+    block, over `targets` in increasing order. `evaluate(schedule)` returns a dict with at least
     `ideal_speedup` and `keeps_quality`.
 
     A kind and keying stop at their first target that fails the bar: quality falls as the target
@@ -225,13 +238,13 @@ def scan_candidates(errors, kinds, evaluate, log=print, targets=CANDIDATE_TARGET
     Frontier). Stopping also saves the generations of the targets beyond.
     """
     curve, best = [], None
-    for (kind, max_order), per_block in itertools.product(kinds, (False, True)):
+    for (kind, max_order, strength), per_block in itertools.product(kinds, (False, True)):
         keying = "per block" if per_block else "per comp."
         for target in targets:
             try:
                 schedule = Schedule.for_speedup(
                     errors, target=target, max_order=max_order, per_block=per_block
-                )
+                ).with_strengths(strength)
             except ValueError:
                 break  # beyond the largest reachable speedup
             point = {
@@ -240,6 +253,7 @@ def scan_candidates(errors, kinds, evaluate, log=print, targets=CANDIDATE_TARGET
                 "target": target,
                 "alpha": schedule.metadata["alpha"],
                 "orders": dict(schedule.orders),
+                "strength": strength,
                 **evaluate(schedule),
             }
             curve.append(point)
@@ -263,8 +277,12 @@ def scan_candidates(errors, kinds, evaluate, log=print, targets=CANDIDATE_TARGET
 
 
 def _orders_note(schedule: Schedule) -> str:
-    """`, orders {...}` for a schedule that forecasts, else nothing."""
-    return f", orders {dict(schedule.orders)}" if schedule.orders else ""
+    """`, orders {...}` (and the strength, if damped) for a schedule that forecasts, else nothing."""
+    if not schedule.orders:
+        return ""
+    strengths = set(schedule.strengths.values())
+    damped = f" at strength {strengths.pop():g}" if len(strengths) == 1 else ""
+    return f", orders {dict(schedule.orders)}{damped}"
 
 
 def load_schedule_for_demo(path: str, steps: int | None) -> Schedule:
