@@ -154,8 +154,8 @@ def uniform_forecast(steps: int, interval: int) -> Schedule:
     """attn1 and ff computed every `interval`-th step and at steps 1 and the last (the issue's
     forward-patching recipe), order 1 on both: the uncalibrated counterpart of TaylorSeer's
     `cache_interval`."""
-    mask = [int(step % interval == 0 or step in (1, steps - 1)) for step in range(steps)]
-    return Schedule.from_dict({"attn1": mask, "ff": mask}).with_orders({"attn1": 1, "ff": 1})
+    schedule = Schedule.uniform(steps, interval, ["attn1", "ff"], extra_steps=(1, steps - 1))
+    return schedule.with_orders({"attn1": 1, "ff": 1})
 
 
 def methods(base, errors, steps: int, quick: bool, mag_ratios: list[float]) -> list[Method]:

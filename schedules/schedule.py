@@ -339,17 +339,24 @@ class Schedule:
         return cls(steps, {key: [1] * steps for key in keys}, {"generator": "all_compute"})
 
     @classmethod
-    def uniform(cls, steps: int, interval: int, components: Sequence[str]) -> Schedule:
-        """FORA-style fixed interval: step ``i`` computes iff ``i % interval == 0``.
+    def uniform(
+        cls, steps: int, interval: int, components: Sequence[str], extra_steps: Iterable[int] = ()
+    ) -> Schedule:
+        """FORA-style fixed interval: step ``i`` computes iff ``i % interval == 0`` or ``i`` is
+        one of ``extra_steps``.
 
         Plain FORA: the last step is not forced to compute. The Roblox ``*-N-2-fora.json`` files
         differ from ``uniform(steps, 2, ...)`` in that one entry only (their last step computes).
-        ``interval=1`` gives the same masks as :meth:`all_compute`.
+        ``interval=1`` gives the same masks as :meth:`all_compute`. ``extra_steps=(1, steps - 1)``
+        is the forecasting recipe (TaylorSeer-style): step 1 gives a line its second point before
+        the first skip, and the last step computes.
 
         Example::
 
             >>> Schedule.uniform(5, 2, ["attn", "mlp"]).masks["attn"]
             (1, 0, 1, 0, 1)
+            >>> Schedule.uniform(7, 3, ["attn"], extra_steps=(1, 6)).masks["attn"]
+            (1, 1, 0, 1, 0, 0, 1)
         """
         if not isinstance(interval, int) or isinstance(interval, bool):
             raise TypeError(f"interval must be an int; got {type(interval).__name__} {interval!r}.")
@@ -360,8 +367,16 @@ class Schedule:
             )
         _validate_steps(steps)
         keys = _validate_components(components)
-        mask = [int(i % interval == 0) for i in range(steps)]
-        return cls(steps, {key: mask for key in keys}, {"generator": "uniform", "interval": interval})
+        extra = list(extra_steps)
+        bad = [v for v in extra if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < steps]
+        extra = sorted(set(extra))
+        if bad:
+            raise ValueError(
+                f"extra_steps must be step indices in [0, {steps}); got {bad}. Use steps - 1 for the last step."
+            )
+        mask = [int(i % interval == 0 or i in extra) for i in range(steps)]
+        metadata = {"generator": "uniform", "interval": interval, **({"extra_steps": extra} if extra else {})}
+        return cls(steps, {key: mask for key in keys}, metadata)
 
     @classmethod
     def from_errors(

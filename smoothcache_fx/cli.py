@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="calibrate, schedule, compile and measure on the shipped digits DiT"
     )
     demo.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps per generation (50)")
-    demo.add_argument("--per-class", type=_positive_int, default=4, help="samples per digit class (4)")
+    demo.add_argument("--per-class", type=_positive_int, default=4, help="timed samples per digit class (4)")
+    demo.add_argument(
+        "--quality-per-class",
+        type=_positive_int,
+        default=10,
+        help="samples per digit class that judge the quality bar (10)",
+    )
     demo.add_argument(
         "--target", type=float, help="ideal speedup to reach (default: fastest that keeps quality)"
     )
@@ -127,6 +133,7 @@ def _demo(args, parser) -> int:
     options = DemoOptions(
         steps=args.steps,
         per_class=args.per_class,
+        quality_per_class=args.quality_per_class,
         target=args.target,
         alpha=args.alpha,
         schedule=args.schedule,

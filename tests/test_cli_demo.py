@@ -21,6 +21,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
             "8",
             "--per-class",
             "1",
+            "--quality-per-class",
+            "2",
             "--no-compile",
             "--repeats",
             "1",
@@ -41,7 +43,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 8 and results["samples"] == 10
+    assert results["steps"] == 8 and results["samples"] == 10 and results["quality_samples"] == 20
     assert results["ideal_speedup"] >= 1.0
     assert results["psnr_db"] > 10
     assert 0 <= results["accuracy_cached"] <= 1 and 0 <= results["accuracy_uncached"] <= 1
@@ -51,7 +53,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     # Reuse and forecast schedules are both candidates; the result says which kind it chose.
     kinds = {point["kind"] for point in results["speed_quality_curve"]}
     assert kinds == {"reuse", "forecast", "damped"}
-    assert {p["strength"] for p in results["speed_quality_curve"] if p["kind"] == "damped"} == {0.75}
+    assert {"per comp.", "per block", "uniform"} <= {p["keying"] for p in results["speed_quality_curve"]}
+    damped = [p for p in results["speed_quality_curve"] if p["kind"] == "damped"]
+    assert all(set(p["strengths"].values()) == {0.75} for p in damped if p["orders"])
     schedule = results["schedule"]
     forecast = "damped forecast" if schedule.get("strengths") else "forecast"
     assert results["schedule_kind"] == (forecast if schedule["orders"] else "reuse")
@@ -176,13 +180,10 @@ def test_calibration_progress_only_on_a_terminal(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_candidate_scan_stops_a_kind_at_its_first_failed_target():
-    """A faster target that passes after a slower one failed is not chosen, and not even tried:
-    on the demo's few samples such a pass is a lucky draw (the first demo runs picked one)."""
+def _random_errors():
     import numpy as np
 
     from smoothcache_fx.calibrate import CalibrationErrors
-    from smoothcache_fx.demo.job import scan_candidates
 
     rng = np.random.default_rng(0)
     steps, lookahead = 12, 3
@@ -194,7 +195,15 @@ def test_candidate_scan_stops_a_kind_at_its_first_failed_target():
         for c in ("attn", "mlp")
     }
     flops = {path: 40 if path.endswith("attn") else 70 for path in curves}
-    errors = CalibrationErrors(steps, lookahead, curves, flops, 400, model_class="Random")
+    return CalibrationErrors(steps, lookahead, curves, flops, 400, model_class="Random")
+
+
+def test_candidate_scan_stops_a_family_at_its_first_failed_setting():
+    """A faster setting that passes after a slower one failed is not chosen, and not even tried:
+    on the demo's few samples such a pass is a lucky draw (the first demo runs picked one)."""
+    from smoothcache_fx.demo.candidates import calibrated_families, scan_candidates
+
+    errors = _random_errors()
     verdicts = iter([True, False] + [True, True, False])  # per component, then per block
     evaluated = []
 
@@ -208,9 +217,8 @@ def test_candidate_scan_stops_a_kind_at_its_first_failed_target():
         }
 
     lines = []
-    best, curve = scan_candidates(
-        errors, [("reuse", 0, 1.0)], evaluate, lines.append, targets=(1.1, 1.3, 1.5, 1.7)
-    )
+    families = calibrated_families(errors, "reuse", 0, 1.0, (1.1, 1.3, 1.5, 1.7))
+    best, curve = scan_candidates(families, evaluate, lines.append)
     # per component: 1.1 passes, 1.3 fails, so 1.5 and 1.7 are not tried; per block: 1.1 and 1.3
     # pass, 1.5 fails, 1.7 not tried
     assert [(p["per_block"], p["target"], p["keeps_quality"]) for p in curve] == [
@@ -223,4 +231,32 @@ def test_candidate_scan_stops_a_kind_at_its_first_failed_target():
     assert len(evaluated) == 5
     assert best[1]["per_block"] and best[1]["target"] == 1.3
     assert best[0] is evaluated[3]
-    assert any("not trying 1.5x, 1.7x" in line for line in lines)
+    assert any("not trying target 1.50x, target 1.70x" in line for line in lines)
+
+
+def test_uniform_family_forecasts_every_nth_step_damped():
+    from smoothcache_fx.demo.candidates import scan_candidates, uniform_family
+
+    family = uniform_family(12, ("attn1", "ff"), 0.75, (2, 3, 4, 20))
+    assert family.kind == "damped" and family.settings == ("every 2", "every 3", "every 4")  # 20 >= steps
+    schedule = family.build(1)
+    assert schedule.masks["attn1"] == (1, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0, 1)  # every 3rd, step 1 and the last
+    assert dict(schedule.orders) == {"attn1": 1, "ff": 1} and dict(schedule.strengths) == {
+        "attn1": 0.75,
+        "ff": 0.75,
+    }
+    assert uniform_family(12, ("ff",), 1.0, (2,)).kind == "forecast"
+    points = []
+    best, curve = scan_candidates(
+        [family],
+        lambda s: {
+            "ideal_speedup": 1.0 / s.compute_fraction["ff"],
+            "psnr_db": 30.0,
+            "accuracy": 1.0,
+            "keeps_quality": True,
+        },
+        points.append,
+    )
+    assert [p["setting"] for p in curve] == ["every 2", "every 3", "every 4"]
+    assert best[1]["setting"] == "every 4" and best[1]["alpha"] is None and best[1]["target"] is None
+    assert "alpha" not in points[0]

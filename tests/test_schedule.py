@@ -320,6 +320,15 @@ def test_uniform(steps, interval, mask):
     assert dict(s.metadata) == {"generator": "uniform", "interval": interval}
 
 
+def test_uniform_extra_steps_compute_too():
+    s = Schedule.uniform(10, 4, ["ff"], extra_steps=(9, 1, 1))
+    assert s.masks["ff"] == (1, 1, 0, 0, 1, 0, 0, 0, 1, 1)
+    assert s.metadata["extra_steps"] == [1, 9]
+    for bad in ((10,), (-1,), (True,), ("1",)):
+        with pytest.raises(ValueError, match=r"extra_steps must be step indices in \[0, 10\)"):
+            Schedule.uniform(10, 4, ["ff"], extra_steps=bad)
+
+
 def test_uniform_interval_one_matches_all_compute_masks():
     assert Schedule.uniform(4, 1, ["ff"]).masks == Schedule.all_compute(4, ["ff"]).masks
 

@@ -9,7 +9,6 @@ samples from the same noise, and the shipped classifier's accuracy on both).
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import statistics
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from smoothcache_fx.calibrate import calibrate
+from smoothcache_fx.demo.candidates import calibrated_families, orders_note, scan_candidates, uniform_family
 from smoothcache_fx.demo.classifier import classify, load_digits_classifier
 from smoothcache_fx.demo.model import (
     DEFAULT_GUIDANCE_SCALE,
@@ -38,8 +38,9 @@ MIN_PSNR_DB = 25.0
 MAX_ACCURACY_DROP = 0.02
 # Targets tried when none is given: the fastest one that keeps the quality bar is used, among
 # reuse schedules and forecast schedules (predictor orders up to `DemoOptions.max_order`, at full
-# strength and damped to `DemoOptions.strength`).
+# strength and damped to `DemoOptions.strength`), and uniform damped forecasts at these intervals.
 CANDIDATE_TARGETS = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
+CANDIDATE_INTERVALS = (2, 3, 4, 5, 6, 8)
 
 
 @dataclass
@@ -48,6 +49,10 @@ class DemoOptions:
 
     steps: int = 50
     per_class: int = 4
+    # Samples per digit that judge the quality bar (the candidates' and the chosen schedule's):
+    # 100 in all, so that one sample is 1 accuracy point of the 2 the bar allows (40 samples made
+    # it 2.5, and single samples decided).
+    quality_per_class: int = 10
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     target: float | None = None
     alpha: float | None = None
@@ -77,37 +82,43 @@ def run_demo(options: DemoOptions, log=print) -> dict:
     model = load_demo_model()
     classifier = load_digits_classifier()
     labels = torch.arange(NUM_CLASSES).repeat_interleave(options.per_class)
+    quality_labels = torch.arange(NUM_CLASSES).repeat_interleave(options.quality_per_class)
 
-    def sample(net, seed=options.seed):
+    def sample(net, seed=options.seed, labels=labels):
         generator = torch.Generator().manual_seed(seed)
         return generate(net, labels, options.steps, options.guidance_scale, generator=generator)
 
+    def sample_quality(net):
+        return sample(net, labels=quality_labels)
+
     log(
         f"demo DiT: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{DEMO_CONFIG['num_layers']} blocks; {len(labels)} samples x {options.steps} DDIM steps"
+        f"{DEMO_CONFIG['num_layers']} blocks; {len(labels)} samples x {options.steps} DDIM steps timed, "
+        f"{len(quality_labels)} judge quality"
     )
-    uncached = sample(model)
+    uncached = sample_quality(model)
     errors = _calibrate(model, options, labels, log)
     errors.save(out / "calibration_errors.json")
 
     schedule, curve = _choose_schedule(
-        model, errors, options, given, uncached, labels, classifier, sample, log
+        model, errors, options, given, uncached, quality_labels, classifier, sample_quality, log
     )
     schedule.save(out / "schedule.json")
-    cached = sample(transform(copy.deepcopy(model), schedule))
+    cached = sample_quality(transform(copy.deepcopy(model), schedule))
 
     timings = _time_rows(model, schedule, options, sample, log)
     results = {
         "steps": options.steps,
         "samples": len(labels),
+        "quality_samples": len(quality_labels),
         "schedule": schedule.to_dict(),
         "schedule_kind": ("damped forecast" if schedule.strengths else "forecast")
         if schedule.orders
         else "reuse",
         "ideal_speedup": errors.ideal_speedup(schedule),
         "psnr_db": psnr(cached, uncached),
-        "accuracy_uncached": _accuracy(uncached, labels, classifier),
-        "accuracy_cached": _accuracy(cached, labels, classifier),
+        "accuracy_uncached": _accuracy(uncached, quality_labels, classifier),
+        "accuracy_cached": _accuracy(cached, quality_labels, classifier),
         "timings_s": timings,
         "speed_quality_curve": curve,
     }
@@ -137,7 +148,8 @@ def format_table(results: dict) -> str:
         f"({results['achieved_speedup'] / results['ideal_speedup']:.0%})",
         f"schedule: {results.get('schedule_kind', 'reuse')}"
         + (f", orders {results['schedule']['orders']}" if results["schedule"].get("orders") else ""),
-        f"PSNR cached vs uncached {results['psnr_db']:.1f} dB; classifier accuracy uncached "
+        f"over {results.get('quality_samples', results['samples'])} samples: PSNR cached vs uncached "
+        f"{results['psnr_db']:.1f} dB; classifier accuracy uncached "
         f"{results['accuracy_uncached']:.1%}, cached {results['accuracy_cached']:.1%}",
     ]
     return "\n".join(rows)
@@ -178,8 +190,8 @@ def _calibrate(model, options: DemoOptions, labels, log):
 def _choose_schedule(model, errors, options, given, uncached, labels, classifier, sample, log):
     """The --schedule already loaded (`given`), --alpha or --target (forecasting where it computes
     less); otherwise the fastest candidate, by ideal speed-up, whose samples keep the quality bar,
-    among reuse and forecast schedules, per component and per block, each scanned over the
-    candidate targets up to its first failure (`scan_candidates`).
+    among reuse, forecast and damped forecast schedules, calibrated per component and per block,
+    and uniform damped forecasts, each family scanned up to its first failure (`scan_candidates`).
     Returns the schedule and the speed/quality curve (one point per kind, keying and target)."""
     if given is not None:
         return given, []
@@ -203,86 +215,24 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
         )
         return point
 
-    kinds = [("reuse", 0, 1.0)]
+    families = calibrated_families(errors, "reuse", 0, 1.0, CANDIDATE_TARGETS)
     if options.max_order:
-        kinds.append(("forecast", options.max_order, 1.0))
+        families += calibrated_families(errors, "forecast", options.max_order, 1.0, CANDIDATE_TARGETS)
         if options.strength < 1.0:
-            kinds.append(("damped", options.max_order, options.strength))
-    best, curve = scan_candidates(errors, kinds, evaluate, log)
+            families += calibrated_families(
+                errors, "damped", options.max_order, options.strength, CANDIDATE_TARGETS
+            )
+        families.append(uniform_family(options.steps, ("attn1", "ff"), options.strength, CANDIDATE_INTERVALS))
+    best, curve = scan_candidates(families, evaluate, log)
     if best is None:
         log("no candidate kept the quality bar; using the mildest reuse schedule")
         return Schedule.for_speedup(errors, target=CANDIDATE_TARGETS[0]), curve
     schedule, point = best
     log(
-        f"chose the {point['kind']} schedule {'per block' if point['per_block'] else 'per component'} "
-        f"for target {point['target']:.2f}x (ideal "
-        f"{point['ideal_speedup']:.2f}x){_orders_note(schedule)}: the fastest that keeps the quality bar"
+        f"chose the {point['kind']} schedule {point['keying']}, {point['setting']} (ideal "
+        f"{point['ideal_speedup']:.2f}x){orders_note(schedule)}: the fastest that keeps the quality bar"
     )
     return schedule, curve
-
-
-def scan_candidates(errors, kinds, evaluate, log=print, targets=CANDIDATE_TARGETS):
-    """Evaluate `Schedule.for_speedup` candidates and return (best, curve): `best` the
-    (schedule, point) of the largest ideal speed-up that kept the quality bar, or None, and
-    `curve` every evaluated point in order.
-
-    `kinds` lists (kind name, max_order, forecast strength); each is scanned per component and per
-    block, over `targets` in increasing order. `evaluate(schedule)` returns a dict with at least
-    `ideal_speedup` and `keeps_quality`.
-
-    A kind and keying stop at their first target that fails the bar: quality falls as the target
-    rises, and on the demo's 40 samples one sample is 2.5 accuracy points, more than the 2 points
-    the bar allows. A faster target that passes after a slower one failed is then a lucky draw, not
-    a kept bar: the first demo runs chose exactly such a schedule (per-block forecast at 3.0x
-    after 1.25x-2.5x had failed), and 500 samples showed it below the bar (BENCHMARKS.md,
-    Frontier). Stopping also saves the generations of the targets beyond.
-    """
-    curve, best = [], None
-    for (kind, max_order, strength), per_block in itertools.product(kinds, (False, True)):
-        keying = "per block" if per_block else "per comp."
-        for target in targets:
-            try:
-                schedule = Schedule.for_speedup(
-                    errors, target=target, max_order=max_order, per_block=per_block
-                ).with_strengths(strength)
-            except ValueError:
-                break  # beyond the largest reachable speedup
-            point = {
-                "kind": kind,
-                "per_block": per_block,
-                "target": target,
-                "alpha": schedule.metadata["alpha"],
-                "orders": dict(schedule.orders),
-                "strength": strength,
-                **evaluate(schedule),
-            }
-            curve.append(point)
-            log(
-                f"  {kind:<8} {keying} target {target:.2f}x: alpha {point['alpha']:.3f}, ideal "
-                f"{point['ideal_speedup']:.2f}x, PSNR {point['psnr_db']:.1f} dB, accuracy "
-                f"{point['accuracy']:.1%}{_orders_note(schedule)}"
-                f"{'' if point['keeps_quality'] else ' (below the quality bar)'}"
-            )
-            if not point["keeps_quality"]:
-                later = [t for t in targets if t > target]
-                if later:
-                    log(
-                        f"  {kind:<8} {keying}: not trying {', '.join(f'{t:g}x' for t in later)}: "
-                        "a faster target passing after this one failed would be a lucky draw"
-                    )
-                break
-            if best is None or point["ideal_speedup"] > best[1]["ideal_speedup"]:
-                best = (schedule, point)
-    return best, curve
-
-
-def _orders_note(schedule: Schedule) -> str:
-    """`, orders {...}` (and the strength, if damped) for a schedule that forecasts, else nothing."""
-    if not schedule.orders:
-        return ""
-    strengths = set(schedule.strengths.values())
-    damped = f" at strength {strengths.pop():g}" if len(strengths) == 1 else ""
-    return f", orders {dict(schedule.orders)}{damped}"
 
 
 def load_schedule_for_demo(path: str, steps: int | None) -> Schedule:
