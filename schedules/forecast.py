@@ -92,8 +92,8 @@ def forecast_weights(
     `strength` blends the extrapolation with reuse: `strength * polynomial + (1 - strength) *
     newest`, a forecast that goes only part of the way the polynomial points. Full extrapolation
     overshoots: on the demo DiT over 500 samples (BENCHMARKS.md, "Damped forecasting"), order 1 at
-    strength 1 lost 2.8-4.0 points of classifier accuracy where 0.75 lost none, at 0.5 dB less PSNR
-    or more.
+    strength 1 lost up to 4 points of classifier accuracy where 0.75 lost none, for up to 1 dB of
+    PSNR (0.9 had more PSNR than 1 at every interval measured).
 
     Example::
 

@@ -66,7 +66,7 @@ class DemoOptions:
     # Highest predictor order calibrated and considered for skipped steps (0: reuse only).
     max_order: int = 2
     # Forecast strength of the damped candidates and of --alpha/--target schedules: measured over
-    # 500 samples on this model, full extrapolation loses 2.8-4 accuracy points where 0.75 keeps
+    # 500 samples on this model, full extrapolation loses up to 4 accuracy points where 0.75 keeps
     # them (BENCHMARKS.md, "Damped forecasting").
     strength: float = 0.75
 
