@@ -32,6 +32,7 @@ masks. A method that cannot run on this model is reported as skipped with the re
     python benchmarks/frontier.py --quick             # 100 samples, 1 repeat, fewer settings
     python benchmarks/frontier.py --json frontier.json --plot docs/frontier.png
     python benchmarks/frontier.py --quality-from frontier.json --json timed.json   # timing again
+    python benchmarks/frontier.py --plot-from frontier.json damped.json --plot docs/frontier.png
 """
 
 from __future__ import annotations
@@ -355,7 +356,20 @@ def main(argv=None) -> list[dict]:
     )
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument(
+        "--plot-from",
+        nargs="+",
+        metavar="JSON",
+        help="plot the points of these --json files (same samples and steps; a family and setting "
+        "in a later file replaces the earlier one) into --plot, measuring nothing",
+    )
     args = parser.parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            parser.error("--plot-from needs --plot FILE: where to write the plot")
+        summary = merged_summaries(args.plot_from)
+        _plot(summary, args.plot)
+        return summary["points"]
     if args.quick:
         args.samples, args.repeats = min(args.samples, 100), 1
     if args.threads:
@@ -509,6 +523,25 @@ def main(argv=None) -> list[dict]:
     if args.plot:
         _plot(summary, args.plot)
     return results
+
+
+def merged_summaries(paths: list[str]) -> dict:
+    """The first summary with the points of all: a (family, setting) of a later file replaces the
+    same one of an earlier file. Files of other samples or steps are refused: their PSNRs differ."""
+    summaries = []
+    for path in paths:
+        with open(path) as handle:
+            summaries.append(json.load(handle))
+    first = summaries[0]
+    points = {}
+    for path, summary in zip(paths, summaries, strict=True):
+        if (summary["samples"], summary["steps"]) != (first["samples"], first["steps"]):
+            raise SystemExit(
+                f"--plot-from {path} has {summary['samples']} samples x {summary['steps']} steps; "
+                f"{paths[0]} has {first['samples']} x {first['steps']}. Plot runs of one quality set."
+            )
+        points.update({(p["family"], p["setting"]): p for p in summary["points"]})
+    return {**first, "points": list(points.values())}
 
 
 def _plot(summary: dict, path: str) -> None:
