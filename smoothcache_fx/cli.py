@@ -86,6 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     how.add_argument("--target", type=float, help="ideal speedup to reach instead of --alpha")
     cal.add_argument("--per-block", action="store_true", help="one mask per block, not per component")
     cal.add_argument("--lookahead", type=_positive_int, default=3, help="largest reuse lag recorded (3)")
+    cal.add_argument(
+        "--max-order",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="also calibrate forecasting skipped steps up to this predictor order, and let the schedule "
+        "use it where it computes less (0: reuse only, the default)",
+    )
+    cal.add_argument(
+        "--strength",
+        type=_unit_float,
+        default=1.0,
+        help="forecast strength in [0, 1] of the schedule's forecast keys (1.0; 0.75 kept accuracy on "
+        "the demo DiT where 1 lost up to 4 points)",
+    )
     cal.add_argument("--seed", type=int, default=0, help="generator seed of the calibration run (0)")
     cal.add_argument("--out", required=True, help="output folder")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")

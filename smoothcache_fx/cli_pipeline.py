@@ -53,15 +53,21 @@ def _calibrate(args, launch: Launch, out) -> Path:
             output_type="np",
         )
 
-    errors = calibrate(pipe, run, lookahead=args.lookahead, progress=not args.no_progress)
+    max_order = args.max_order
+    errors = calibrate(
+        pipe, run, lookahead=args.lookahead, progress=not args.no_progress, max_order=max_order
+    )
     if launch.rank != 0:
         return folder
     errors.save(folder / "calibration_errors.json")  # first: kept when no schedule reaches --target
     if args.target is not None:
-        schedule = Schedule.for_speedup(errors, target=args.target, per_block=args.per_block)
+        schedule = Schedule.for_speedup(
+            errors, target=args.target, per_block=args.per_block, max_order=max_order
+        )
     else:
         alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
-        schedule = Schedule.from_errors(errors, alpha=alpha, per_block=args.per_block)
+        schedule = Schedule.from_errors(errors, alpha=alpha, per_block=args.per_block, max_order=max_order)
+    schedule = schedule.with_strengths(args.strength)
     schedule.save(folder / "schedule.json")
     written = ["calibration_errors.json", "schedule.json"]
     written += _plots(folder, errors, schedule, out)
@@ -113,6 +119,12 @@ def summary(schedule: Schedule, errors: CalibrationErrors | None = None) -> str:
         lines.append(f"ideal speedup {schedule.metadata['ideal_speedup']:.2f}x (recorded in the schedule)")
     else:
         lines.append("ideal speedup unknown: pass --errors calibration_errors.json (FLOPs per branch)")
+    if schedule.orders:
+        orders = ", ".join(f"{key} {order}" for key, order in schedule.orders.items())
+        lines.append(f"forecast (predictor order) on skipped steps: {orders}")
+        if schedule.strengths:
+            strengths = ", ".join(f"{key} {value:g}" for key, value in schedule.strengths.items())
+            lines.append(f"forecast strength: {strengths} (others 1)")
     for name in ("alpha", "target", "source"):
         value = schedule.metadata.get(name)
         if value is not None:

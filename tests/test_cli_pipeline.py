@@ -82,6 +82,53 @@ def test_calibrate_with_target_per_block(dit_pipeline_dir, tmp_path):
     assert schedule.metadata["per_block"] is True
 
 
+def test_calibrate_with_forecasting_and_a_strength(dit_pipeline_dir, tmp_path):
+    done = _cli(
+        "calibrate",
+        str(dit_pipeline_dir),
+        "--steps",
+        str(STEPS),
+        "--class-labels",
+        "3",
+        "--max-order",
+        "1",
+        "--strength",
+        "0.75",
+        "--out",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert CalibrationErrors.load(tmp_path / "calibration_errors.json").max_order == 1
+    schedule = Schedule.load(tmp_path / "schedule.json")
+    assert schedule.metadata["max_order"] == 1
+    # The random test DiT's outputs are not smooth in time: forecasting computes less nowhere, and
+    # the schedule keeps reuse (orders {}); the strength applies to forecast keys only.
+    assert dict(schedule.strengths) == dict.fromkeys(schedule.orders, 0.75)
+    bad = _cli(
+        "calibrate",
+        str(dit_pipeline_dir),
+        "--steps",
+        "4",
+        "--class-labels",
+        "1",
+        "--strength",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert bad.returncode == 2 and "--strength: must be in [0, 1]" in bad.stderr
+
+
+def test_summary_names_forecast_orders_and_strengths():
+    from smoothcache_fx.cli_pipeline import summary
+
+    schedule = Schedule(4, {"attn1": [1, 0, 1, 0], "ff": [1, 0, 0, 1]}, orders={"attn1": 1, "ff": 2})
+    text = summary(schedule.with_strengths({"ff": 0.75}))
+    assert "forecast (predictor order) on skipped steps: attn1 1, ff 2" in text
+    assert "forecast strength: ff 0.75 (others 1)" in text
+    assert "forecast" not in summary(schedule.with_orders({}))
+
+
 def test_calibrate_refuses_bad_input_with_the_fix(dit_pipeline_dir, tmp_path):
     done = _cli(
         "calibrate", str(dit_pipeline_dir), "--steps", "4", "--prompt", "a cat", "--out", str(tmp_path)
