@@ -117,14 +117,25 @@ def test_graph_form_compiles_and_exports_without_triton():
 def test_demo_job_runs_without_triton(tmp_path):
     """The README's main job at reduced size, compiled, in a process without triton."""
     command = "from smoothcache_fx.cli import main; raise SystemExit(main())"
-    args = ["demo", "--steps", "10", "--per-class", "1", "--repeats", "1", "--no-progress"]
+    args = [
+        "demo",
+        "--steps",
+        "10",
+        "--per-class",
+        "1",
+        "--quality-per-class",
+        "2",
+        "--repeats",
+        "1",
+        "--no-progress",
+    ]
     result = _run([sys.executable, "-c", command, *args, "--out", str(tmp_path / "demo")], timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     table = result.stdout
     for row in ("eager", "eager + SmoothCache", "compiled", "compiled + SmoothCache"):
         assert re.search(rf"^{re.escape(row)} +\d+ms +\d+\.\d+x$", table, re.MULTILINE), table
     assert re.search(r"^achieved speedup \d+\.\d+x of ideal \d+\.\d+x", table, re.MULTILINE), table
-    assert re.search(r"^PSNR cached vs uncached \d+\.\d dB", table, re.MULTILINE), table
+    assert re.search(r"^over 20 samples: PSNR cached vs uncached \d+\.\d dB", table, re.MULTILINE), table
     assert "FutureWarning" not in result.stderr, result.stderr[-2000:]
 
 
