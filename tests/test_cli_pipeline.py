@@ -24,6 +24,21 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _calibrate_cli(pipeline_dir, out, labels: str, *options: str) -> subprocess.CompletedProcess:
+    """`smoothcache-fx calibrate` of the test pipeline over STEPS steps, into `out`."""
+    return _cli(
+        "calibrate",
+        str(pipeline_dir),
+        "--steps",
+        str(STEPS),
+        "--class-labels",
+        labels,
+        *options,
+        "--out",
+        str(out),
+    )
+
+
 @pytest.fixture(scope="module")
 def dit_pipeline_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dit-pipeline")
@@ -33,18 +48,7 @@ def dit_pipeline_dir(tmp_path_factory):
 
 def test_calibrate_writes_errors_schedule_and_plots(dit_pipeline_dir, tmp_path):
     out = tmp_path / "out"
-    done = _cli(
-        "calibrate",
-        str(dit_pipeline_dir),
-        "--steps",
-        str(STEPS),
-        "--class-labels",
-        "1,2",
-        "--alpha",
-        "0.3",
-        "--out",
-        str(out),
-    )
+    done = _calibrate_cli(dit_pipeline_dir, out, "1,2", "--alpha", "0.3")
     assert done.returncode == 0, done.stderr
     errors = CalibrationErrors.load(out / "calibration_errors.json")
     schedule = Schedule.load(out / "schedule.json")
@@ -62,19 +66,7 @@ def test_calibrate_writes_errors_schedule_and_plots(dit_pipeline_dir, tmp_path):
 
 
 def test_calibrate_with_target_per_block(dit_pipeline_dir, tmp_path):
-    done = _cli(
-        "calibrate",
-        str(dit_pipeline_dir),
-        "--steps",
-        str(STEPS),
-        "--class-labels",
-        "3",
-        "--target",
-        "1.1",
-        "--per-block",
-        "--out",
-        str(tmp_path),
-    )
+    done = _calibrate_cli(dit_pipeline_dir, tmp_path, "3", "--target", "1.1", "--per-block")
     assert done.returncode == 0, done.stderr
     schedule = Schedule.load(tmp_path / "schedule.json")
     assert schedule.keys == ("attn1-0", "attn1-1", "ff-0", "ff-1")
@@ -83,20 +75,7 @@ def test_calibrate_with_target_per_block(dit_pipeline_dir, tmp_path):
 
 
 def test_calibrate_with_forecasting_and_a_strength(dit_pipeline_dir, tmp_path):
-    done = _cli(
-        "calibrate",
-        str(dit_pipeline_dir),
-        "--steps",
-        str(STEPS),
-        "--class-labels",
-        "3",
-        "--max-order",
-        "1",
-        "--strength",
-        "0.75",
-        "--out",
-        str(tmp_path),
-    )
+    done = _calibrate_cli(dit_pipeline_dir, tmp_path, "3", "--max-order", "1", "--strength", "0.75")
     assert done.returncode == 0, done.stderr
     assert CalibrationErrors.load(tmp_path / "calibration_errors.json").max_order == 1
     schedule = Schedule.load(tmp_path / "schedule.json")
