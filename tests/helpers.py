@@ -1,12 +1,29 @@
 """Shared test helpers: step-by-step model calls on the test models, the block styles the pass is
-checked on end to end, and a block captured the way the runtime captures it (for direct pass tests)."""
+checked on end to end, a block captured the way the runtime captures it (for direct pass tests),
+and random calibration errors for schedule generators."""
 
 from __future__ import annotations
 
 import models
+import numpy as np
 import torch
 
+from smoothcache_fx import CalibrationErrors
 from smoothcache_fx.passes.capture import CapturedBlock, capture_block
+
+
+def random_errors(seed: int = 0, steps: int = 12, lookahead: int = 3) -> CalibrationErrors:
+    """Reuse errors of 3 blocks x (attn, mlp), uniform in [0, 0.5 * lag], FLOPs 40 and 70 of 400."""
+    rng = np.random.default_rng(seed)
+    curves, flops = {}, {}
+    for block in range(3):
+        for component, cost in (("attn", 40), ("mlp", 70)):
+            path = f"blocks.{block}.{component}"
+            curves[path] = [
+                np.round(rng.uniform(0, 0.5, steps - k) * k, 3).tolist() for k in range(1, lookahead + 1)
+            ]
+            flops[path] = cost
+    return CalibrationErrors(steps, lookahead, curves, flops, 400, model_class="Random")
 
 
 def dit_call(model, step: int, batch: int = 2, dtype=torch.float32):

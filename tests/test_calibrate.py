@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import random_errors
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -172,22 +173,9 @@ def test_ideal_speedup_counts_branch_flops_only_where_they_compute():
 # ---------------------------------------------------------------------- for_speedup
 
 
-def _random_errors(seed: int = 0, steps: int = 12, lookahead: int = 3) -> CalibrationErrors:
-    rng = np.random.default_rng(seed)
-    curves, flops = {}, {}
-    for block in range(3):
-        for component, cost in (("attn", 40), ("mlp", 70)):
-            path = f"blocks.{block}.{component}"
-            curves[path] = [
-                np.round(rng.uniform(0, 0.5, steps - k) * k, 3).tolist() for k in range(1, lookahead + 1)
-            ]
-            flops[path] = cost
-    return _errors(curves, steps, flops, total_flops=400, model_class="Random")
-
-
 @pytest.mark.parametrize("per_block", [False, True])
 def test_for_speedup_gives_the_smallest_alpha_reaching_the_target(per_block):
-    errors = _random_errors()
+    errors = random_errors()
     values = sorted({0.0, *(v for curves in errors.errors.values() for c in curves for v in c)})
     if not per_block:
         values = sorted({0.0, *(v for c in errors.components for k in (1, 2, 3) for v in errors.curve(c, k))})
@@ -208,7 +196,7 @@ def test_for_speedup_gives_the_smallest_alpha_reaching_the_target(per_block):
 
 
 def test_for_speedup_is_monotonic_in_the_target():
-    errors = _random_errors(seed=1)
+    errors = random_errors(seed=1)
     reached, alphas = [], []
     for target in np.linspace(1.0, 2.2, 25):
         try:
@@ -222,7 +210,7 @@ def test_for_speedup_is_monotonic_in_the_target():
 
 
 def test_for_speedup_names_the_maximum_when_the_target_is_out_of_reach():
-    errors = _random_errors()
+    errors = random_errors()
     with pytest.raises(ValueError, match=r"maximum ideal speed-up for these errors is \d+\.\d+") as info:
         Schedule.for_speedup(errors, target=50.0)
     best = float(str(info.value).split("is ")[1].split(" ")[0])
@@ -285,7 +273,7 @@ def test_bad_alpha(alpha, error):
 
 
 def test_errors_and_schedule_round_trip_through_json(tmp_path):
-    errors = _random_errors().resampled(9)
+    errors = random_errors().resampled(9)
     errors = CalibrationErrors(
         errors.steps,
         errors.lookahead,
@@ -305,7 +293,7 @@ def test_errors_and_schedule_round_trip_through_json(tmp_path):
 
 
 def test_plots_write_png_files(tmp_path):
-    errors = _random_errors()
+    errors = random_errors()
     schedule = Schedule.from_errors(errors, alpha=0.2, per_block=True)
     paths = [
         plot_errors(errors, tmp_path / "errors.png", alpha=0.2),

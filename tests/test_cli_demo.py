@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from helpers import random_errors
 
 from smoothcache_fx.cli import main
 
@@ -180,30 +181,12 @@ def test_calibration_progress_only_on_a_terminal(capsys):
     assert capsys.readouterr().err == ""
 
 
-def _random_errors():
-    import numpy as np
-
-    from smoothcache_fx.calibrate import CalibrationErrors
-
-    rng = np.random.default_rng(0)
-    steps, lookahead = 12, 3
-    curves = {
-        f"blocks.{b}.{c}": [
-            np.round(rng.uniform(0, 0.5, steps - k) * k, 3).tolist() for k in range(1, lookahead + 1)
-        ]
-        for b in range(3)
-        for c in ("attn", "mlp")
-    }
-    flops = {path: 40 if path.endswith("attn") else 70 for path in curves}
-    return CalibrationErrors(steps, lookahead, curves, flops, 400, model_class="Random")
-
-
 def test_candidate_scan_stops_a_family_at_its_first_failed_setting():
     """A faster setting that passes after a slower one failed is not chosen, and not even tried:
     on the demo's few samples such a pass is a lucky draw (the first demo runs picked one)."""
     from smoothcache_fx.demo.candidates import calibrated_families, scan_candidates
 
-    errors = _random_errors()
+    errors = random_errors()
     verdicts = iter([True, False] + [True, True, False])  # per component, then per block
     evaluated = []
 
