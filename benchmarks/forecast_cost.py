@@ -7,6 +7,7 @@ ratios to order 0. A skipped step of order k reads k+1 history buffers per branc
 cache; a computed step shifts the history (k more reads and writes of the branch's size).
 
     python benchmarks/forecast_cost.py [--steps 50] [--per-class 4] [--repeats 5] [--no-compile]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-class", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_demo_model()
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     schedule = Schedule.uniform(args.steps, 2, ["attn1", "ff"])
@@ -71,7 +75,8 @@ def main(argv=None) -> dict:
         }
     print(
         f"demo DiT, {len(labels)} samples (x2 guidance batch), {args.steps} steps, FORA-2 on attn1+ff, "
-        f"{'eager' if args.no_compile else 'compiled'}; median per model call over {args.repeats} generations"
+        f"{'eager' if args.no_compile else 'compiled'}, {torch.get_num_threads()} threads; median per model "
+        f"call over {args.repeats} generations"
     )
     print(
         f"{'order':>5}{'skipped ms':>12}{'vs reuse':>10}{'computed ms':>13}{'vs reuse':>10}{'cache KiB':>11}"

@@ -358,24 +358,52 @@ class Schedule:
             >>> Schedule.uniform(7, 3, ["attn"], extra_steps=(1, 6)).masks["attn"]
             (1, 1, 0, 1, 0, 0, 1)
         """
-        if not isinstance(interval, int) or isinstance(interval, bool):
-            raise TypeError(f"interval must be an int; got {type(interval).__name__} {interval!r}.")
-        if interval < 1:
-            raise ValueError(
-                f"interval must be >= 1 (compute every `interval` steps); got {interval}. "
-                "Use interval=1 for no caching, 2 to compute every other step."
-            )
+        _check_interval(interval, "interval")
         _validate_steps(steps)
         keys = _validate_components(components)
-        extra = list(extra_steps)
-        bad = [v for v in extra if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < steps]
-        extra = sorted(set(extra))
-        if bad:
-            raise ValueError(
-                f"extra_steps must be step indices in [0, {steps}); got {bad}. Use steps - 1 for the last step."
-            )
+        extra = _check_extra_steps(extra_steps, steps)
         mask = [int(i % interval == 0 or i in extra) for i in range(steps)]
         metadata = {"generator": "uniform", "interval": interval, **({"extra_steps": extra} if extra else {})}
+        return cls(steps, {key: mask for key in keys}, metadata)
+
+    @classmethod
+    def piecewise(
+        cls,
+        steps: int,
+        intervals: Mapping[int, int],
+        components: Sequence[str],
+        extra_steps: Iterable[int] = (),
+    ) -> Schedule:
+        """Fixed intervals that change along the generation: ``intervals`` maps the first step of
+        each piece to its interval; a piece computes at its first step and every ``interval``-th
+        step after it, up to the next piece. ``extra_steps`` compute too, as in :meth:`uniform`.
+
+        Why: the output does not weigh the steps evenly. On the demo DiT (BENCHMARKS.md, "Where
+        computes matter") a compute in the middle of the generation buys more quality than one at
+        either end: forecasts computed every 4th step up to step 35 and every 8th after it keep
+        PSNR >= 30 dB over 500 samples at a 3.38x FLOP ideal, where a uniform interval needs every
+        3rd step (2.44x) for the same quality.
+
+        Example::
+
+            >>> Schedule.piecewise(10, {0: 3, 6: 2}, ["ff"], extra_steps=(9,)).masks["ff"]
+            (1, 0, 0, 1, 0, 0, 1, 0, 1, 1)
+        """
+        _validate_steps(steps)
+        keys = _validate_components(components)
+        pieces = _check_pieces(intervals, steps)
+        extra = _check_extra_steps(extra_steps, steps)
+        mask = [0] * steps
+        for (start, interval), end in zip(pieces, [s for s, _ in pieces[1:]] + [steps], strict=True):
+            for i in range(start, end, interval):
+                mask[i] = 1
+        for i in extra:
+            mask[i] = 1
+        metadata = {
+            "generator": "piecewise",
+            "intervals": [list(piece) for piece in pieces],
+            **({"extra_steps": extra} if extra else {}),
+        }
         return cls(steps, {key: mask for key in keys}, metadata)
 
     @classmethod
@@ -592,6 +620,47 @@ def _candidates(branch_path: str) -> list[str]:
         candidates.append(f"{component}-{segments[-2]}")
     candidates.append(component)
     return candidates
+
+
+def _check_interval(interval: Any, where: str) -> int:
+    if not isinstance(interval, int) or isinstance(interval, bool):
+        raise TypeError(f"{where} must be an int; got {type(interval).__name__} {interval!r}.")
+    if interval < 1:
+        raise ValueError(
+            f"{where} must be >= 1 (compute every `interval` steps); got {interval}. "
+            "Use interval=1 for no caching, 2 to compute every other step."
+        )
+    return interval
+
+
+def _check_extra_steps(extra_steps: Iterable[int], steps: int) -> list[int]:
+    """Sorted distinct step indices, or a ValueError naming the ones out of [0, steps)."""
+    extra = list(extra_steps)
+    bad = [v for v in extra if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < steps]
+    if bad:
+        raise ValueError(
+            f"extra_steps must be step indices in [0, {steps}); got {bad}. Use steps - 1 for the last step."
+        )
+    return sorted(set(extra))
+
+
+def _check_pieces(intervals: Any, steps: int) -> list[tuple[int, int]]:
+    """`piecewise`'s mapping as sorted (first step, interval) pairs; the first piece starts at 0."""
+    if not isinstance(intervals, Mapping):
+        raise TypeError(
+            "intervals must be a mapping of first step -> interval, e.g. {0: 5, 15: 4, 35: 5}; "
+            f"got {type(intervals).__name__} {intervals!r}."
+        )
+    starts = list(intervals)
+    bad = [v for v in starts if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < steps]
+    if bad:
+        raise ValueError(f"intervals' keys must be first steps of pieces in [0, {steps}); got {bad}.")
+    if 0 not in intervals:
+        raise ValueError(
+            f"intervals must start a piece at step 0 (step 0 always computes); got first steps {sorted(starts)}. "
+            "Add a 0 key."
+        )
+    return [(start, _check_interval(intervals[start], f"intervals[{start}]")) for start in sorted(starts)]
 
 
 def _validate_steps(steps: Any) -> None:

@@ -217,6 +217,21 @@ def test_candidate_scan_stops_a_family_at_its_first_failed_setting():
     assert any("not trying target 1.50x, target 1.70x" in line for line in lines)
 
 
+def test_piecewise_family_computes_the_middle_twice_as_often():
+    from smoothcache_fx.demo.candidates import piecewise_family
+
+    family = piecewise_family(20, ("attn1", "ff"), 0.75, (2, 3, 10))
+    assert family.kind == "damped" and family.keying == "piecewise"
+    assert family.settings == ("every 4/2/4", "every 6/3/6")  # 2 * 10 >= steps
+    schedule = family.build(0)
+    # every 4th up to step 6, every 2nd from 6 to 14, every 4th from 14; steps 1 and 19
+    assert schedule.masks["ff"] == (1, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 1, 1)
+    assert schedule.masks["attn1"] == schedule.masks["ff"]
+    assert dict(schedule.orders) == {"attn1": 1, "ff": 1}
+    assert dict(schedule.strengths) == {"attn1": 0.75, "ff": 0.75}
+    assert piecewise_family(20, ("ff",), 1.0, (2,)).kind == "forecast"
+
+
 def test_uniform_family_forecasts_every_nth_step_damped():
     from smoothcache_fx.demo.candidates import scan_candidates, uniform_family
 

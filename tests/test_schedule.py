@@ -333,6 +333,53 @@ def test_uniform_interval_one_matches_all_compute_masks():
     assert Schedule.uniform(4, 1, ["ff"]).masks == Schedule.all_compute(4, ["ff"]).masks
 
 
+def test_piecewise_computes_each_piece_at_its_own_interval():
+    s = Schedule.piecewise(12, {0: 4, 5: 2, 9: 3}, ["attn1", "ff"], extra_steps=(11,))
+    # piece [0, 5): 0, 4; piece [5, 9): 5, 7; piece [9, 12): 9; extra: 11
+    assert s.masks["ff"] == (1, 0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 1)
+    assert s.masks["attn1"] == s.masks["ff"]
+    assert dict(s.metadata) == {
+        "generator": "piecewise",
+        "intervals": [[0, 4], [5, 2], [9, 3]],
+        "extra_steps": [11],
+    }
+    assert Schedule.from_dict(json.loads(json.dumps(s.to_dict()))) == s  # the metadata is JSON data
+
+
+def test_piecewise_with_one_piece_is_uniform():
+    for steps, interval in ((10, 3), (7, 1), (50, 5)):
+        piecewise = Schedule.piecewise(steps, {0: interval}, ["ff"], extra_steps=(1, steps - 1))
+        uniform = Schedule.uniform(steps, interval, ["ff"], extra_steps=(1, steps - 1))
+        assert piecewise.masks == uniform.masks
+
+
+def test_piecewise_argument_errors():
+    with pytest.raises(TypeError, match=r"intervals must be a mapping of first step -> interval.*got list"):
+        Schedule.piecewise(10, [(0, 2)], ["ff"])
+    with pytest.raises(ValueError, match=r"must start a piece at step 0.*got first steps \[3\]"):
+        Schedule.piecewise(10, {3: 2}, ["ff"])
+    with pytest.raises(ValueError, match=r"must start a piece at step 0.*got first steps \[\]"):
+        Schedule.piecewise(10, {}, ["ff"])
+    with pytest.raises(ValueError, match=r"keys must be first steps of pieces in \[0, 10\); got \[10\]"):
+        Schedule.piecewise(10, {0: 2, 10: 3}, ["ff"])
+    with pytest.raises(ValueError, match=r"intervals\[4\] must be >= 1"):
+        Schedule.piecewise(10, {0: 2, 4: 0}, ["ff"])
+    with pytest.raises(TypeError, match=r"intervals\[0\] must be an int; got float"):
+        Schedule.piecewise(10, {0: 2.0}, ["ff"])
+    with pytest.raises(ValueError, match=r"extra_steps must be step indices in \[0, 10\)"):
+        Schedule.piecewise(10, {0: 2}, ["ff"], extra_steps=(10,))
+
+
+def test_schedule_docstring_examples_run():
+    import doctest
+
+    from smoothcache_fx.schedules import forecast, schedule
+
+    for module in (schedule, forecast):
+        result = doctest.testmod(module, verbose=False)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
 def test_generator_argument_errors():
     with pytest.raises(ValueError, match=r"interval must be >= 1 .*; got 0"):
         Schedule.uniform(4, 0, ["ff"])

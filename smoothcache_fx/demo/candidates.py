@@ -1,7 +1,7 @@
 """The demo's candidate schedules, and the scan that keeps the fastest one above the quality bar.
 
-A family is one way of making schedules (calibrated per component, calibrated per block, or a
-uniform interval) with one treatment of skipped steps (reuse, full forecast, damped forecast),
+A family is one way of making schedules (calibrated per component, calibrated per block, a
+uniform interval, or intervals denser in the middle of the generation) with one treatment of skipped steps (reuse, full forecast, damped forecast),
 listed from the mildest setting to the fastest. The scan evaluates each family's settings in that
 order and stops a family at its first setting below the bar: quality falls as the setting gets
 faster, and on the demo's few samples one sample is one or more accuracy points, so a faster
@@ -25,7 +25,7 @@ class Family:
     `settings[i]` (ValueError: beyond what this family reaches, which ends it)."""
 
     kind: str  # what a skipped step does: "reuse", "forecast" or "damped"
-    keying: str  # how the masks are made: "per comp.", "per block" or "uniform"
+    keying: str  # how the masks are made: "per comp.", "per block", "uniform" or "piecewise"
     settings: tuple[str, ...]
     build: Callable[[int], Schedule]
 
@@ -63,6 +63,25 @@ def uniform_family(
 
     kind = "damped" if strength < 1.0 else "forecast"
     return Family(kind, "uniform", tuple(f"every {n}" for n in intervals), build)
+
+
+def piecewise_family(
+    steps: int, components: Sequence[str], strength: float, middles: Sequence[int]
+) -> Family:
+    """As `uniform_family`, but the middle stretch of the generation (from 30% to 70% of the steps)
+    computes twice as often as the rest: every 2m / m / 2m steps (`Schedule.piecewise`). On the demo
+    DiT a compute in the middle buys the most quality (BENCHMARKS.md, "Where computes matter")."""
+    middles = [m for m in middles if 2 * m < steps]
+    starts = (round(0.3 * steps), round(0.7 * steps))
+
+    def build(index: int) -> Schedule:
+        middle = middles[index]
+        pieces = {0: 2 * middle, starts[0]: middle, starts[1]: 2 * middle}
+        schedule = Schedule.piecewise(steps, pieces, components, extra_steps=(1, steps - 1))
+        return schedule.with_orders(dict.fromkeys(schedule.keys, 1)).with_strengths(strength)
+
+    kind = "damped" if strength < 1.0 else "forecast"
+    return Family(kind, "piecewise", tuple(f"every {2 * m}/{m}/{2 * m}" for m in middles), build)
 
 
 def scan_candidates(families: Sequence[Family], evaluate, log=print):

@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from smoothcache_fx.calibrate import calibrate
-from smoothcache_fx.demo.candidates import calibrated_families, orders_note, scan_candidates, uniform_family
+from smoothcache_fx.demo.candidates import (
+    calibrated_families,
+    orders_note,
+    piecewise_family,
+    scan_candidates,
+    uniform_family,
+)
 from smoothcache_fx.demo.classifier import classify, load_digits_classifier
 from smoothcache_fx.demo.model import (
     DEFAULT_GUIDANCE_SCALE,
@@ -38,9 +44,11 @@ MIN_PSNR_DB = 25.0
 MAX_ACCURACY_DROP = 0.02
 # Targets tried when none is given: the fastest one that keeps the quality bar is used, among
 # reuse schedules and forecast schedules (predictor orders up to `DemoOptions.max_order`, at full
-# strength and damped to `DemoOptions.strength`), and uniform damped forecasts at these intervals.
+# strength and damped to `DemoOptions.strength`), uniform damped forecasts at these intervals, and
+# piecewise ones denser in the middle of the generation.
 CANDIDATE_TARGETS = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
 CANDIDATE_INTERVALS = (2, 3, 4, 5, 6, 8)
+CANDIDATE_MIDDLES = (2, 3, 4, 5)  # piecewise: every 2m / m / 2m steps
 
 
 @dataclass
@@ -191,7 +199,8 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
     """The --schedule already loaded (`given`), --alpha or --target (forecasting where it computes
     less); otherwise the fastest candidate, by ideal speed-up, whose samples keep the quality bar,
     among reuse, forecast and damped forecast schedules, calibrated per component and per block,
-    and uniform damped forecasts, each family scanned up to its first failure (`scan_candidates`).
+    and uniform and piecewise damped forecasts, each family scanned up to its first failure
+    (`scan_candidates`).
     Returns the schedule and the speed/quality curve (one point per kind, keying and target)."""
     if given is not None:
         return given, []
@@ -223,6 +232,7 @@ def _choose_schedule(model, errors, options, given, uncached, labels, classifier
                 errors, "damped", options.max_order, options.strength, CANDIDATE_TARGETS
             )
         families.append(uniform_family(options.steps, ("attn1", "ff"), options.strength, CANDIDATE_INTERVALS))
+        families.append(piecewise_family(options.steps, ("attn1", "ff"), options.strength, CANDIDATE_MIDDLES))
     best, curve = scan_candidates(families, evaluate, log)
     if best is None:
         log("no candidate kept the quality bar; using the mildest reuse schedule")
