@@ -7,12 +7,14 @@ which steps compute, not what a step costs), PSNR against the uncached samples f
 - `stretches`: every 5th step, plus every 2nd step inside one stretch of 10 steps, for each of the
   five stretches: the same compute count, so the PSNR says which stretch a compute helps most;
 - `grid`: three intervals, for steps [0, 15), [15, 35) and [35, 50)
-  (`frontier.piecewise_forecast`), over a grid; prints the PSNR / ideal speed-up Pareto front.
+  (`frontier.piecewise_forecast`), over a grid; prints the PSNR / ideal speed-up Pareto front;
+- `boundaries` (not in `both`): the middle stretch's first and last step moved (10-18, 30-40) for
+  interval triples around the grid's front, schedules of >= 3.3x ideal only; its Pareto front.
 
 Run it on noise other than the frontier's (`--seed 7`, the default) to choose a piecewise
 schedule, and judge the choice on the frontier's samples (`frontier.py --families`).
 
-    python benchmarks/compute_placement.py [--sweep stretches|grid|both] [--per-class 30]
+    python benchmarks/compute_placement.py [--sweep stretches|grid|both|boundaries] [--per-class 30]
         [--seed 7] [--threads 2]
 """
 
@@ -32,6 +34,9 @@ from smoothcache_fx.demo.model import NUM_CLASSES, generate, load_demo_model
 STEPS = 50
 GRID_OUTER = (4, 5, 6, 8)  # intervals of the first and last stretches
 GRID_MIDDLE = (2, 3, 4)
+BOUNDARY_FIRSTS = (10, 12, 15, 18)
+BOUNDARY_LASTS = (30, 33, 35, 38, 40)
+BOUNDARY_INTERVALS = ((4, 4, 8), (5, 4, 8), (6, 4, 8), (5, 4, 10), (6, 5, 10), (8, 4, 8), (5, 5, 8))
 
 
 def stretch_schedule(start: int, length: int = 10, base: int = 5, dense: int = 2) -> Schedule:
@@ -50,7 +55,7 @@ def stretch_schedule(start: int, length: int = 10, base: int = 5, dense: int = 2
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", choices=("stretches", "grid", "both"), default="both")
+    parser.add_argument("--sweep", choices=("stretches", "grid", "both", "boundaries"), default="both")
     parser.add_argument("--per-class", type=int, default=30, help="samples per digit (30: 300 in all)")
     parser.add_argument("--seed", type=int, default=7, help="noise seed (the frontier's is 0)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
@@ -97,15 +102,26 @@ def main(argv=None) -> list[dict]:
             measure(
                 "grid", f"every {first} / {middle} / {last}", piecewise_forecast(STEPS, (first, middle, last))
             )
-        front, best = [], float("-inf")
-        for row in sorted((r for r in rows if r["sweep"] == "grid"), key=lambda r: -r["ideal_speedup"]):
-            if row["psnr_db"] > best:
-                best = row["psnr_db"]
-                front.append(row)
-        print("Pareto front (fastest first):")
-        for row in front:
-            print(f"  {row['setting']:<22} ideal {row['ideal_speedup']:.2f}x  PSNR {row['psnr_db']:5.1f} dB")
+        _print_front([r for r in rows if r["sweep"] == "grid"])
+    if args.sweep == "boundaries":
+        for starts in itertools.product(BOUNDARY_FIRSTS, BOUNDARY_LASTS):
+            for intervals in BOUNDARY_INTERVALS:
+                schedule = piecewise_forecast(STEPS, intervals, starts)
+                if errors.ideal_speedup(schedule) >= 3.3:
+                    measure("boundary", "{} / {} / {} from {} / {}".format(*intervals, *starts), schedule)
+        _print_front(rows)
     return rows
+
+
+def _print_front(rows: list[dict]) -> None:
+    front, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: -r["ideal_speedup"]):
+        if row["psnr_db"] > best:
+            best = row["psnr_db"]
+            front.append(row)
+    print("Pareto front (fastest first):")
+    for row in front:
+        print(f"  {row['setting']:<22} ideal {row['ideal_speedup']:.2f}x  PSNR {row['psnr_db']:5.1f} dB")
 
 
 if __name__ == "__main__":

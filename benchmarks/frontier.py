@@ -166,10 +166,12 @@ def uniform_forecast(steps: int, interval: int) -> Schedule:
     return schedule.with_orders({"attn1": 1, "ff": 1})
 
 
-def piecewise_forecast(steps: int, intervals: tuple[int, int, int]) -> Schedule:
+def piecewise_forecast(
+    steps: int, intervals: tuple[int, int, int], starts: tuple[int, int] = PIECE_STARTS
+) -> Schedule:
     """attn1 and ff computed at three intervals, for the first, middle and last stretch of the
-    generation (`PIECE_STARTS`, scaled to `steps`), and at steps 1 and the last; order 1."""
-    starts = [round(start * steps / 50) for start in PIECE_STARTS]
+    generation (`starts` of 50 steps, scaled to `steps`), and at steps 1 and the last; order 1."""
+    starts = [round(start * steps / 50) for start in starts]
     pieces = dict(zip([0, *starts], intervals, strict=True))
     schedule = Schedule.piecewise(steps, pieces, ["attn1", "ff"], extra_steps=(1, steps - 1))
     return schedule.with_orders({"attn1": 1, "ff": 1})
