@@ -362,7 +362,7 @@ class Schedule:
         _validate_steps(steps)
         keys = _validate_components(components)
         extra = _check_extra_steps(extra_steps, steps)
-        mask = [int(i % interval == 0 or i in extra) for i in range(steps)]
+        mask = _interval_mask(steps, [(0, interval)], extra)
         metadata = {"generator": "uniform", "interval": interval, **({"extra_steps": extra} if extra else {})}
         return cls(steps, {key: mask for key in keys}, metadata)
 
@@ -393,12 +393,7 @@ class Schedule:
         keys = _validate_components(components)
         pieces = _check_pieces(intervals, steps)
         extra = _check_extra_steps(extra_steps, steps)
-        mask = [0] * steps
-        for (start, interval), end in zip(pieces, [s for s, _ in pieces[1:]] + [steps], strict=True):
-            for i in range(start, end, interval):
-                mask[i] = 1
-        for i in extra:
-            mask[i] = 1
+        mask = _interval_mask(steps, pieces, extra)
         metadata = {
             "generator": "piecewise",
             "intervals": [list(piece) for piece in pieces],
@@ -642,6 +637,19 @@ def _check_extra_steps(extra_steps: Iterable[int], steps: int) -> list[int]:
             f"extra_steps must be step indices in [0, {steps}); got {bad}. Use steps - 1 for the last step."
         )
     return sorted(set(extra))
+
+
+def _interval_mask(steps: int, pieces: Sequence[tuple[int, int]], extra: Iterable[int]) -> list[int]:
+    """1 at each piece's first step and every `interval`-th step after it up to the next piece
+    (pieces sorted, the first at 0), and at the `extra` steps; 0 elsewhere."""
+    mask = [0] * steps
+    ends = [start for start, _ in pieces[1:]] + [steps]
+    for (start, interval), end in zip(pieces, ends, strict=True):
+        for i in range(start, end, interval):
+            mask[i] = 1
+    for i in extra:
+        mask[i] = 1
+    return mask
 
 
 def _check_pieces(intervals: Any, steps: int) -> list[tuple[int, int]]:

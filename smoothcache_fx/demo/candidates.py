@@ -1,8 +1,8 @@
 """The demo's candidate schedules, and the scan that keeps the fastest one above the quality bar.
 
 A family is one way of making schedules (calibrated per component, calibrated per block, a
-uniform interval, or intervals denser in the middle of the generation) with one treatment of skipped steps (reuse, full forecast, damped forecast),
-listed from the mildest setting to the fastest. The scan evaluates each family's settings in that
+uniform interval, or intervals denser in the middle of the generation) with one treatment of skipped
+steps (reuse, full forecast, damped forecast), listed from the mildest setting to the fastest. The scan evaluates each family's settings in that
 order and stops a family at its first setting below the bar: quality falls as the setting gets
 faster, and on the demo's few samples one sample is one or more accuracy points, so a faster
 setting that passes after a slower one failed is a lucky draw, not a kept bar. The first demo runs
@@ -56,13 +56,12 @@ def uniform_family(
     forecasting recipe), order 1 at forecast strength `strength`: few distinct masks, so
     `compile=True` runs it as whole-model graphs."""
     intervals = [n for n in intervals if n < steps]
-
-    def build(index: int) -> Schedule:
-        schedule = Schedule.uniform(steps, intervals[index], components, extra_steps=(1, steps - 1))
-        return schedule.with_orders(dict.fromkeys(schedule.keys, 1)).with_strengths(strength)
-
-    kind = "damped" if strength < 1.0 else "forecast"
-    return Family(kind, "uniform", tuple(f"every {n}" for n in intervals), build)
+    return _forecast_family(
+        "uniform",
+        tuple(f"every {n}" for n in intervals),
+        lambda index: Schedule.uniform(steps, intervals[index], components, extra_steps=(1, steps - 1)),
+        strength,
+    )
 
 
 def piecewise_family(
@@ -74,14 +73,26 @@ def piecewise_family(
     middles = [m for m in middles if 2 * m < steps]
     starts = (round(0.3 * steps), round(0.7 * steps))
 
-    def build(index: int) -> Schedule:
+    def masks(index: int) -> Schedule:
         middle = middles[index]
         pieces = {0: 2 * middle, starts[0]: middle, starts[1]: 2 * middle}
-        schedule = Schedule.piecewise(steps, pieces, components, extra_steps=(1, steps - 1))
+        return Schedule.piecewise(steps, pieces, components, extra_steps=(1, steps - 1))
+
+    return _forecast_family(
+        "piecewise", tuple(f"every {2 * m}/{m}/{2 * m}" for m in middles), masks, strength
+    )
+
+
+def _forecast_family(
+    keying: str, settings: tuple[str, ...], masks: Callable[[int], Schedule], strength: float
+) -> Family:
+    """A family whose `masks(i)` schedules forecast every key with order 1 at `strength`."""
+
+    def build(index: int) -> Schedule:
+        schedule = masks(index)
         return schedule.with_orders(dict.fromkeys(schedule.keys, 1)).with_strengths(strength)
 
-    kind = "damped" if strength < 1.0 else "forecast"
-    return Family(kind, "piecewise", tuple(f"every {2 * m}/{m}/{2 * m}" for m in middles), build)
+    return Family("damped" if strength < 1.0 else "forecast", keying, settings, build)
 
 
 def scan_candidates(families: Sequence[Family], evaluate, log=print):
